@@ -1,0 +1,1 @@
+"""The front door: aiohttp app that authenticates, validates and enqueues."""

@@ -1,0 +1,58 @@
+"""The aiohttp application: routes, middleware and the lifecycle of the flusher."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from ingest.auth import KeyCache
+from ingest.body import BodyLimits
+from ingest.context import GATEWAY, Gateway
+from ingest.dialects import native
+from ingest.enqueue import Enqueuer
+from ingest.problems import ERROR_RENDERERS, problems_middleware
+from shared.jobs import job_template
+from shared.settings import Settings
+
+
+def make_app(settings: Settings, client: aioredis.Redis) -> web.Application:
+    """The front door for `settings`, talking to Redis through `client`.
+
+    Serve it with `auto_decompress=False` (see ingest.server): gzip is inflated by
+    ingest.body under a size and ratio cap, never by aiohttp without one.
+    """
+    app = web.Application(middlewares=[problems_middleware])
+    enqueuer = Enqueuer(
+        client,
+        queue=settings.queue,
+        job_template=job_template(settings),
+        job_max_events=settings.job_max_events,
+        timeout_s=settings.redis_timeout_s,
+    )
+    app[GATEWAY] = Gateway(
+        settings=settings,
+        redis=client,
+        keys=KeyCache(client, settings.key_cache_s),
+        enqueuer=enqueuer,
+        body_limits=BodyLimits(
+            settings.max_body_bytes, settings.max_decompressed_bytes, settings.max_gzip_ratio
+        ),
+    )
+    app[ERROR_RENDERERS] = {}
+    native.add_routes(app)
+    app.router.add_get("/healthz", healthz)
+
+    async def flusher(_app: web.Application) -> AsyncIterator[None]:
+        enqueuer.start()
+        yield
+        await enqueuer.stop()
+
+    app.cleanup_ctx.append(flusher)
+    return app
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    """The process is alive and its event loop answers."""
+    return web.json_response({"status": "ok"})

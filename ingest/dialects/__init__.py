@@ -1,0 +1,1 @@
+"""One module per dialect: its routes, auth header, limits and error shape."""

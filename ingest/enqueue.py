@@ -1,0 +1,150 @@
+"""Group commit: one task writes every waiting request's events to Redis in one round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from ingest.problems import ServiceUnavailableError
+from shared import jobs, keys
+from shared.envelope import Batch, Part, encode_batch
+from shared.event import new_event_id
+
+log = structlog.get_logger("ingest.enqueue")
+
+_RETRY_AFTER = {"Retry-After": "1"}
+
+
+class _Waiting:
+    __slots__ = ("done", "part")
+
+    def __init__(self, part: Part, done: asyncio.Future[None]) -> None:
+        self.part = part
+        self.done = done
+
+
+class Enqueuer:
+    """Owns the front door's writes to Redis.
+
+    Each request hands over its part and awaits a future; the flusher takes everything
+    waiting as soon as its previous flush has returned (measured: better than a 1-2 ms
+    timer), packs the parts into rq jobs of about `job_max_events` events, writes them in
+    one MULTI/EXEC, then resolves the futures. So a 202 is only sent once Redis has the
+    job, and many small requests cost one round trip together.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        queue: str,
+        job_template: Mapping[str, str | bytes | int],
+        job_max_events: int,
+        timeout_s: float,
+    ) -> None:
+        self._client = client
+        self._queue_key = jobs.queue_key(queue)
+        self._template = job_template
+        self._job_max_events = job_max_events
+        self._timeout_s = timeout_s
+        self._waiting: list[_Waiting] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.flushes = 0  # flush count, for the group-commit metric and tests
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="eventgate-flusher")
+
+    async def stop(self) -> None:
+        """Flush what is waiting, then stop (graceful shutdown)."""
+        if self._task is None:
+            return
+        while self._waiting:
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def submit(self, part: Part) -> None:
+        """Return once Redis holds `part`.
+
+        Raises:
+            ServiceUnavailableError: Redis failed or did not answer in time.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(part, done))
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self._timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                "the queue did not answer in time; retry later", headers=_RETRY_AFTER
+            ) from None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            waiting, self._waiting = self._waiting, []
+            if waiting:
+                await self._flush(waiting)
+
+    async def _flush(self, waiting: list[_Waiting]) -> None:
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.sadd(jobs.QUEUES_KEY, self._queue_key)
+                job_ids = [self._add_job(pipe, batch) for batch in self._pack(waiting)]
+                pipe.rpush(self._queue_key, *job_ids)
+                for account, count in _accepted_by_account(waiting).items():
+                    pipe.hincrby(keys.counters(account), "accepted", count)
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("enqueue.failed", error=str(exc), requests=len(waiting))
+            error = ServiceUnavailableError(
+                "the queue (Redis) is unavailable; retry later", headers=_RETRY_AFTER
+            )
+            for item in waiting:
+                if not item.done.done():
+                    item.done.set_exception(error)
+                    # A request that timed out already never retrieves it; don't warn.
+                    item.done.exception()
+            return
+        self.flushes += 1
+        for item in waiting:
+            if not item.done.done():
+                item.done.set_result(None)
+
+    def _pack(self, waiting: list[_Waiting]) -> list[Batch]:
+        """Parts in arrival order, cut into jobs of about `job_max_events` events."""
+        batches: list[Batch] = []
+        parts: list[Part] = []
+        events = 0
+        for item in waiting:
+            if parts and events + item.part.count > self._job_max_events:
+                batches.append(Batch(parts=parts))
+                parts, events = [], 0
+            parts.append(item.part)
+            events += item.part.count
+        if parts:
+            batches.append(Batch(parts=parts))
+        return batches
+
+    def _add_job(self, pipe: aioredis.client.Pipeline, batch: Batch) -> str:
+        job_id = new_event_id()
+        events = sum(part.count for part in batch.parts)
+        fields = jobs.job_fields(self._template, encode_batch(batch), events)
+        pipe.hset(jobs.job_key(job_id), mapping=fields)  # type: ignore[arg-type]
+        return job_id
+
+
+def _accepted_by_account(waiting: list[_Waiting]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in waiting:
+        counts[item.part.account] = counts.get(item.part.account, 0) + item.part.count
+    return counts

@@ -1,0 +1,152 @@
+"""Gateway errors and the middleware that answers them in the route's dialect."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+import msgspec
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("ingest")
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    field: str  # dotted path inside the event, e.g. "properties.quantity"
+    message: str
+
+
+class EventErrors(msgspec.Struct, frozen=True):
+    """Why the event at `index` of the request was refused."""
+
+    index: int
+    errors: list[FieldError]
+
+
+class GatewayError(Exception):
+    """Base of every error the front door answers. Dialects map `code` to their vendor's."""
+
+    status = 500
+    title = "Internal error"
+    code = "internal"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        events: list[EventErrors] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.events = events or []
+        self.headers = dict(headers or {})
+
+
+class MalformedBodyError(GatewayError):
+    status, title, code = 400, "Malformed request body", "malformed"
+
+
+class InvalidEventsError(GatewayError):
+    status, title, code = 422, "Events failed validation", "invalid"
+
+
+class TooManyEventsError(GatewayError):
+    status, title, code = 422, "Too many events in one request", "too_many_events"
+
+
+class BodyTooLargeError(GatewayError):
+    status, title, code = 413, "Request body too large", "too_large"
+
+
+class UnsupportedEncodingError(GatewayError):
+    status, title, code = 415, "Unsupported content encoding", "unsupported_encoding"
+
+
+class UnauthorizedError(GatewayError):
+    status, title, code = 401, "Missing or invalid API key", "unauthorized"
+
+
+class ForbiddenError(GatewayError):
+    status, title, code = 403, "API key not allowed here", "forbidden"
+
+
+class ServiceUnavailableError(GatewayError):
+    status, title, code = 503, "Queue unavailable; retry later", "unavailable"
+
+
+# A dialect's way of writing an error: (error, request id) -> response.
+ErrorRenderer = Callable[[GatewayError, str], web.Response]
+
+
+class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """RFC 9457 problem details, plus the per-event errors of a batch."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str
+    errors: list[EventErrors] = []
+
+
+_PROBLEM_ENCODER = msgspec.json.Encoder()
+
+
+def render_problem(error: GatewayError, request_id: str) -> web.Response:
+    """The native API's error shape: application/problem+json."""
+    body = Problem(
+        type=f"https://eventgate.dev/problems/{error.code}",
+        title=error.title,
+        status=error.status,
+        detail=error.detail,
+        request_id=request_id,
+        errors=error.events,
+    )
+    return web.Response(
+        body=_PROBLEM_ENCODER.encode(body),
+        status=error.status,
+        content_type="application/problem+json",
+        headers=error.headers,
+    )
+
+
+ERROR_RENDERERS = web.AppKey("error_renderers", dict[str, ErrorRenderer])
+REQUEST_ID = web.RequestKey("request_id", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a 4xx/5xx in the route's dialect; never a stack trace."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        error = exc
+        log.info("request.refused", status=error.status, code=error.code, detail=error.detail)
+    except web.HTTPException as exc:
+        # aiohttp's own answers (404, 405): keep the status, in the dialect's shape.
+        if exc.status < 400:  # noqa: PLR2004 - redirects pass through unchanged
+            raise
+        error = GatewayError(exc.reason)
+        error.status, error.title, error.code = exc.status, exc.reason, "http"
+    except Exception:
+        log.exception("request.crashed")
+        error = GatewayError("unexpected error; it has been logged")
+    response = _render(request, error)
+    if error.status in (413, 503):
+        # Whatever the client still sends is not read; don't reuse a connection mid-body.
+        response.force_close()
+    return response
+
+
+def _render(request: web.Request, error: GatewayError) -> web.Response:
+    route = request.match_info.route.name or ""
+    renderer = request.app[ERROR_RENDERERS].get(route, render_problem)
+    response = renderer(error, _request_id(request))
+    response.headers.update(error.headers)
+    return response
+
+
+def _request_id(request: web.Request) -> str:
+    return request.get(REQUEST_ID, "")

@@ -1,0 +1,69 @@
+"""Turning msgspec's decode errors into what a producer can act on."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from ingest.problems import EventErrors, FieldError, MalformedBodyError
+
+# msgspec reports a byte offset; people read lines and columns.
+_BYTE = re.compile(r"\s*\(byte (\d+)\)$")
+_PATH = re.compile(r" - at `\$(?:\[(\d+)\])?\.?(.*)`$")
+# A batch with thousands of bad events lists the first ones; the rest are counted.
+MAX_LISTED = 100
+
+
+def malformed_json(body: bytes, exc: msgspec.DecodeError) -> MalformedBodyError:
+    """A 400 naming the line and column of the problem, and what was expected."""
+    message = str(exc).removeprefix("JSON is malformed: ")
+    match = _BYTE.search(message)
+    if "truncated" in message:
+        pos, message = len(body), "the body ends early: a closing ] or } or \" is missing"
+    elif match:
+        pos = min(int(match.group(1)), len(body))
+    else:
+        return MalformedBodyError(f"invalid JSON: {message}")
+    line = body.count(b"\n", 0, pos) + 1
+    column = pos - (body.rfind(b"\n", 0, pos) + 1) + 1
+    reason = _BYTE.sub("", message)
+    return MalformedBodyError(f"invalid JSON at line {line}, column {column}: {reason}")
+
+
+def field_error(exc: msgspec.ValidationError) -> tuple[int | None, FieldError]:
+    """(batch index if the path has one, the field and message) of one validation error."""
+    message = str(exc)
+    match = _PATH.search(message)
+    if not match:
+        return None, FieldError(field="", message=message)
+    index = int(match.group(1)) if match.group(1) is not None else None
+    field = re.sub(r"\[(\d+)\]", r".\1", match.group(2))
+    return index, FieldError(field=field, message=message[: match.start()])
+
+
+def future_limit(max_future_s: int) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=max_future_s)
+
+
+def check_timestamp(ts: datetime | None, limit: datetime) -> FieldError | None:
+    """Refuse timestamps absurdly far ahead (clock bugs, milliseconds sent as seconds)."""
+    if ts is None:
+        return None
+    aware = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    if aware > limit:
+        return FieldError(
+            field="timestamp",
+            message=f"{ts.isoformat()} is after {limit:%Y-%m-%dT%H:%M:%SZ}: too far in the future",
+        )
+    return None
+
+
+def summarise(errors: list[EventErrors]) -> str:
+    shown = ", ".join(
+        f"#{e.index}: {e.errors[0].field or 'event'}: {e.errors[0].message}"
+        for e in errors[:3]
+    )
+    more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""  # noqa: PLR2004
+    return f"{len(errors)} invalid event(s): {shown}{more}"

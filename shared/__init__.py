@@ -1,0 +1,1 @@
+"""What the front door and workers share: the event, settings, keys, queue format."""

@@ -1,0 +1,18 @@
+"""Every Redis key eventgate owns (rq's own keys are rq's: `rq:*`)."""
+
+from __future__ import annotations
+
+PREFIX = "eg"
+
+ACCOUNTS = f"{PREFIX}:accounts"  # hash: account name -> Account (JSON)
+API_KEYS = f"{PREFIX}:keys"  # hash: key id -> ApiKey record (JSON), secret stored hashed
+
+
+def account_keys(account: str) -> str:
+    """Set of the key ids an account owns."""
+    return f"{PREFIX}:acct-keys:{{{account}}}"  # {account}: cluster hash tag
+
+
+def counters(account: str) -> str:
+    """Hash of an account's event counters (accepted, persisted, duplicate, ...)."""
+    return f"{PREFIX}:count:{{{account}}}"
