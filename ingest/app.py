@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from ingest.auth import KeyCache
@@ -14,7 +13,13 @@ from ingest.dialects import native
 from ingest.enqueue import Enqueuer
 from ingest.problems import ERROR_RENDERERS, problems_middleware
 from shared.jobs import job_template
-from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import redis.asyncio as aioredis
+
+    from shared.settings import Settings
 
 
 def make_app(settings: Settings, client: aioredis.Redis) -> web.Application:

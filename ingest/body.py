@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import zlib
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from ingest.problems import BodyTooLargeError, MalformedBodyError, UnsupportedEncodingError
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 _CHUNK = 64 * 1024
 

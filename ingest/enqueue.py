@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -14,6 +13,9 @@ from ingest.problems import ServiceUnavailableError
 from shared import jobs, keys
 from shared.envelope import Batch, Part, encode_batch
 from shared.event import new_event_id
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 log = structlog.get_logger("ingest.enqueue")
 
@@ -55,6 +57,7 @@ class Enqueuer:
         self._waiting: list[_Waiting] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.flushes = 0  # flush count, for the group-commit metric and tests
 
     def start(self) -> None:
@@ -64,11 +67,9 @@ class Enqueuer:
         """Flush what is waiting, then stop (graceful shutdown)."""
         if self._task is None:
             return
-        while self._waiting:
-            await asyncio.sleep(0.01)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._closing = True
+        self._wake.set()
+        await self._task
         self._task = None
 
     async def submit(self, part: Part) -> None:
@@ -94,15 +95,18 @@ class Enqueuer:
             waiting, self._waiting = self._waiting, []
             if waiting:
                 await self._flush(waiting)
+            if self._closing and not self._waiting:
+                return
 
     async def _flush(self, waiting: list[_Waiting]) -> None:
         try:
+            # Pipeline methods only queue commands (redis-py types them as awaitables).
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.sadd(jobs.QUEUES_KEY, self._queue_key)
+                _ = pipe.sadd(jobs.QUEUES_KEY, self._queue_key)
                 job_ids = [self._add_job(pipe, batch) for batch in self._pack(waiting)]
-                pipe.rpush(self._queue_key, *job_ids)
+                _ = pipe.rpush(self._queue_key, *job_ids)
                 for account, count in _accepted_by_account(waiting).items():
-                    pipe.hincrby(keys.counters(account), "accepted", count)
+                    _ = pipe.hincrby(keys.counters(account), "accepted", count)
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("enqueue.failed", error=str(exc), requests=len(waiting))
@@ -139,7 +143,7 @@ class Enqueuer:
         job_id = new_event_id()
         events = sum(part.count for part in batch.parts)
         fields = jobs.job_fields(self._template, encode_batch(batch), events)
-        pipe.hset(jobs.job_key(job_id), mapping=fields)  # type: ignore[arg-type]
+        _ = pipe.hset(jobs.job_key(job_id), mapping=fields)  # type: ignore[arg-type]
         return job_id
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+
 import msgspec
 import structlog
 from aiohttp import web
@@ -126,7 +128,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         log.info("request.refused", status=error.status, code=error.code, detail=error.detail)
     except web.HTTPException as exc:
         # aiohttp's own answers (404, 405): keep the status, in the dialect's shape.
-        if exc.status < 400:  # noqa: PLR2004 - redirects pass through unchanged
+        if exc.status < HTTPStatus.BAD_REQUEST:
             raise
         error = GatewayError(exc.reason)
         error.status, error.title, error.code = exc.status, exc.reason, "http"
@@ -149,4 +151,4 @@ def _render(request: web.Request, error: GatewayError) -> web.Response:
 
 
 def _request_id(request: web.Request) -> str:
-    return request.get(REQUEST_ID, "")
+    return str(request.get(REQUEST_ID, ""))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
 from ingest.app import make_app
-from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 log = structlog.get_logger("ingest.server")
 

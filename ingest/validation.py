@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-
-import msgspec
+from typing import TYPE_CHECKING
 
 from ingest.problems import EventErrors, FieldError, MalformedBodyError
+
+if TYPE_CHECKING:
+    import msgspec
 
 # msgspec reports a byte offset; people read lines and columns.
 _BYTE = re.compile(r"\s*\(byte (\d+)\)$")
 _PATH = re.compile(r" - at `\$(?:\[(\d+)\])?\.?(.*)`$")
 # A batch with thousands of bad events lists the first ones; the rest are counted.
 MAX_LISTED = 100
+# How many invalid events the one-line `detail` names; `errors` lists them all.
+_IN_DETAIL = 3
 
 
 def malformed_json(body: bytes, exc: msgspec.DecodeError) -> MalformedBodyError:
@@ -21,7 +25,7 @@ def malformed_json(body: bytes, exc: msgspec.DecodeError) -> MalformedBodyError:
     message = str(exc).removeprefix("JSON is malformed: ")
     match = _BYTE.search(message)
     if "truncated" in message:
-        pos, message = len(body), "the body ends early: a closing ] or } or \" is missing"
+        pos, message = len(body), 'the body ends early: a closing ] or } or " is missing'
     elif match:
         pos = min(int(match.group(1)), len(body))
     else:
@@ -63,7 +67,7 @@ def check_timestamp(ts: datetime | None, limit: datetime) -> FieldError | None:
 def summarise(errors: list[EventErrors]) -> str:
     shown = ", ".join(
         f"#{e.index}: {e.errors[0].field or 'event'}: {e.errors[0].message}"
-        for e in errors[:3]
+        for e in errors[:_IN_DETAIL]
     )
-    more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""  # noqa: PLR2004
+    more = f" and {len(errors) - _IN_DETAIL} more" if len(errors) > _IN_DETAIL else ""
     return f"{len(errors)} invalid event(s): {shown}{more}"

@@ -7,13 +7,15 @@ import hmac
 import re
 import secrets
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
-import redis.asyncio as aioredis
 
 from shared import keys
 from shared.errors import EventgateError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 KeyKind = Literal["private", "public"]
 _KIND_TAG: dict[KeyKind, str] = {"private": "sk", "public": "pk"}
@@ -103,8 +105,9 @@ async def create_key(client: aioredis.Redis, account: str, kind: KeyKind) -> str
         created_at=datetime.now(UTC),
     )
     async with client.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.API_KEYS, key_id, msgspec.json.encode(record))
-        pipe.sadd(keys.account_keys(account), key_id)
+        # Pipeline methods only queue commands (redis-py types them as awaitables).
+        _ = pipe.hset(keys.API_KEYS, key_id, msgspec.json.encode(record))
+        _ = pipe.sadd(keys.account_keys(account), key_id)
         await pipe.execute()
     return f"eg_{_KIND_TAG[kind]}_{key_id}.{secret}"
 
@@ -127,7 +130,7 @@ async def revoke_key(client: aioredis.Redis, key: str) -> ApiKey:
     if record is None:
         raise AccountError(f"no key with id {key_id!r}")
     async with client.pipeline(transaction=True) as pipe:
-        pipe.hdel(keys.API_KEYS, key_id)
-        pipe.srem(keys.account_keys(record.account), key_id)
+        _ = pipe.hdel(keys.API_KEYS, key_id)
+        _ = pipe.srem(keys.account_keys(record.account), key_id)
         await pipe.execute()
     return record

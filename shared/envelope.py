@@ -8,8 +8,6 @@ they do not know instead of guessing.
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 # The function rq resolves for every batch job. The job's data is the envelope itself.
@@ -58,20 +56,31 @@ def decode_batch(data: bytes) -> Batch:
         raise EnvelopeError(f"not an eventgate batch envelope: {exc}") from None
 
 
+# An envelope is a msgpack array of two (tag, parts): its first byte. JSON never starts so.
+_ENVELOPE_HEAD = b"\x92"
+
+
 class EnvelopeSerializer:
-    """rq serializer: a job's `data` field is the envelope, never a pickle.
+    """rq serializer: a job's `data` field is the envelope itself, never a pickle.
 
     rq stores `(func, instance, args, kwargs)`; every eventgate job is
-    `process_batch(envelope)`, so the envelope alone is enough to rebuild that tuple.
+    `process_batch(envelope)`, so the envelope alone rebuilds that tuple. rq also
+    serializes results and meta with it: those are plain JSON.
     """
 
     @staticmethod
-    def dumps(obj: Any) -> bytes:  # noqa: ANN401 - rq's serializer protocol
-        func, _instance, args, _kwargs = obj
-        if func != JOB_FUNC or len(args) != 1 or not isinstance(args[0], bytes):
-            raise EnvelopeError(f"eventgate queues carry {JOB_FUNC}(envelope) jobs only")
-        return args[0]
+    def dumps(obj: object) -> bytes:
+        match obj:
+            case (str() as func, _, (bytes() as envelope,), _) if func == JOB_FUNC:
+                return envelope
+            case _:
+                return msgspec.json.encode(obj, enc_hook=str)
 
     @staticmethod
-    def loads(data: bytes) -> tuple[str, None, tuple[bytes], dict[str, Any]]:
+    def loads(data: bytes) -> object:
+        if data[:1] != _ENVELOPE_HEAD:
+            try:
+                return msgspec.json.decode(data)
+            except msgspec.DecodeError:
+                pass  # corrupt job data: let process_batch find it poison and park it
         return JOB_FUNC, None, (data,), {}

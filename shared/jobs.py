@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import redis
-from rq.job import Job, Retry
+from rq.job import Job, JobStatus, Retry
 
 from shared.envelope import JOB_FUNC, EnvelopeSerializer
-from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 JobFields = Mapping[str, str | bytes | int]
 
@@ -43,17 +46,19 @@ def job_template(settings: Settings) -> dict[str, str | bytes | int]:
     deletes the hash only once the batch succeeded.
     """
     # An unconnected client: Job.create wants one but nothing is sent.
+    unconnected = redis.Redis()
     job = Job.create(
         JOB_FUNC,
         args=(b"",),
-        connection=redis.Redis(),
+        connection=unconnected,
         serializer=EnvelopeSerializer,
         timeout=settings.job_timeout_s,
         result_ttl=0,
         retry=Retry(max=settings.job_retries, interval=retry_intervals(settings.job_retries)),
         origin=settings.queue,
     )
-    job._status = "queued"  # noqa: SLF001 - set_status() would write to Redis
+    # Queued on a pipeline that is never executed: only the status field is wanted.
+    job.set_status(JobStatus.QUEUED, pipeline=unconnected.pipeline())
     fields = job.to_dict()
     for per_job in ("created_at", "data", "description"):
         fields.pop(per_job, None)

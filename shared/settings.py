@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
 from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 PREFIX = "EVENTGATE_"
 MiB = 1024 * 1024

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import fakeredis
+from typing import TYPE_CHECKING
 
 from shared import jobs
 from shared.envelope import Batch, decode_batch
+
+if TYPE_CHECKING:
+    import fakeredis
 
 
 async def queued_batches(client: fakeredis.FakeAsyncRedis, queue: str = "unit") -> list[Batch]:

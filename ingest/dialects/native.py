@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -25,10 +25,14 @@ from ingest.validation import (
     malformed_json,
     summarise,
 )
-from shared.accounts import KeyKind
 from shared.envelope import Part
 from shared.event import new_event_id
 from shared.formats.native import DIALECT, EVENT_DECODER, NativeEvent, decode_body
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from shared.accounts import KeyKind
 
 log = structlog.get_logger("ingest.native")
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shared.envelope import EnvelopeError, Part
-from shared.event import Event
 from shared.formats import native
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from shared.event import Event
 
 NORMALISERS: dict[str, Callable[[Part], list[Event]]] = {
     native.DIALECT: native.normalise,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from shared.envelope import Part
 from shared.event import Event, utc, utc_from_ns
+
+if TYPE_CHECKING:
+    from shared.envelope import Part
 
 DIALECT = "native"
 
@@ -54,9 +56,7 @@ def normalise(part: Part) -> list[Event]:
         # The front door accepted only some events; decode those one by one.
         raws = msgspec.json.decode(part.body, type=list[msgspec.Raw] | msgspec.Raw)
         raw_list = raws if isinstance(raws, list) else [raws]
-        wire = [
-            (i, EVENT_DECODER.decode(raw)) for i, raw in enumerate(raw_list) if i not in skip
-        ]
+        wire = [(i, EVENT_DECODER.decode(raw)) for i, raw in enumerate(raw_list) if i not in skip]
     else:
         wire = list(enumerate(decode_body(part.body)))
     return [

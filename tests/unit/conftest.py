@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fakeredis
 import msgspec
@@ -14,6 +14,9 @@ from ingest.app import make_app
 from ingest.server import RUNNER_OPTIONS
 from shared import accounts
 from shared.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 @pytest.fixture

@@ -192,7 +192,13 @@ async def test_broken_gzip_is_400_and_unknown_encoding_415(gateway, key):
 
 @pytest.mark.parametrize(
     "header",
-    [None, "Bearer", "Bearer nonsense", "Basic abc", "Bearer eg_sk_000000000000.AAAAAAAAAAAAAAAAAAAAAAAA"],
+    [
+        None,
+        "Bearer",
+        "Bearer nonsense",
+        "Basic abc",
+        "Bearer eg_sk_000000000000.AAAAAAAAAAAAAAAAAAAAAAAA",
+    ],
 )
 async def test_missing_or_bad_key_is_401(gateway, fake_redis, header):
     client = await gateway()

@@ -1,0 +1,216 @@
+"""`eventgate`, the command line: run the gateway, manage accounts and keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Annotated, TypeVar
+
+import redis.asyncio as aioredis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared import accounts
+from shared.logging import configure_logging
+from shared.redis_server import redis_url_for
+from shared.settings import Settings, settings_or_exit
+from shared.supervisor import Child, Supervisor
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+    from pathlib import Path
+
+app = typer.Typer(
+    help="eventgate: an event ingestion gateway. HTTP in, Redis queue, exactly-once rows out.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+accounts_app = typer.Typer(help="Create and list accounts (tenants).", no_args_is_help=True)
+keys_app = typer.Typer(help="Create and revoke API keys.", no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(keys_app, name="keys")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+DEMO_ACCOUNT = "demo"
+DEMO_KEY_FILE = "demo.key"
+
+
+def _settings(**overrides: object) -> Settings:
+    """Settings from the environment, with command-line options written over them."""
+    for name, value in overrides.items():
+        if value is not None:
+            os.environ[f"EVENTGATE_{name.upper()}"] = str(value)
+    return settings_or_exit()
+
+
+@contextmanager
+def _redis(settings: Settings) -> Iterator[aioredis.Redis]:
+    """A client for the settings' Redis (the embedded one started if needed)."""
+    with redis_url_for(settings) as url:
+        yield aioredis.Redis.from_url(url)
+
+
+def _run(settings: Settings, action: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    async def go(client: aioredis.Redis) -> T:
+        try:
+            return await action(client)
+        finally:
+            await client.aclose()
+
+    with _redis(settings) as client:
+        try:
+            return asyncio.run(go(client))
+        except accounts.AccountError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+
+
+@app.command()
+def up(
+    port: Annotated[
+        int | None, typer.Option(help="Port of the front door [default: 8080].")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes [default: 1].")] = None,
+) -> None:
+    """Run everything on this machine: embedded Redis, front door, workers, SQLite sink,
+    and a demo account whose key is printed with a ready curl line."""
+    settings = _settings(port=port, workers=workers)
+    configure_logging(settings)
+    with redis_url_for(settings) as url:
+        key = asyncio.run(_demo_key(url, settings.data_dir))
+        env = {**os.environ, "REDIS_URL": url}
+        children = [Child("web", "ingest")] + [
+            Child(f"worker-{i + 1}", "workers") for i in range(settings.workers)
+        ]
+        supervisor = Supervisor(children, env)
+        supervisor.start()
+        base = f"http://{settings.host}:{settings.port}"
+        if not _wait_healthy(f"{base}/healthz", supervisor):
+            supervisor.stop()
+            err.print("[red]error:[/] the front door did not start; see the log above")
+            raise typer.Exit(1)
+        _banner(base, key, settings)
+        supervisor.run()
+
+
+def _banner(base: str, key: str, settings: Settings) -> None:
+    event = '{"name": "page_view", "properties": {"path": "/"}}'
+    curl = (
+        f"curl -X POST {base}/v1/events -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{event}'"
+    )
+    out.print(f"\n[bold green]eventgate is up[/] at [bold]{base}[/]")
+    out.print(f"  sink:     {settings.sink_url}")
+    out.print(f"  workers:  {settings.workers}")
+    out.print(f"  demo key: {key}")
+    out.print("\nSend an event:\n")
+    out.print(curl, soft_wrap=True, highlight=False)
+    out.print("\nCtrl-C stops it.\n")
+
+
+def _wait_healthy(url: str, supervisor: Supervisor, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    web = supervisor.children[0].process
+    while time.monotonic() < deadline and web is not None and web.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our http URL
+                return bool(response.status == HTTPStatus.OK)
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    return False
+
+
+async def _demo_key(url: str, data_dir: Path) -> str:
+    """The demo account's key, kept in data_dir so every `up` prints the same one."""
+    key_file = data_dir / DEMO_KEY_FILE
+    client = aioredis.Redis.from_url(url)
+    try:
+        if key_file.exists():
+            key = key_file.read_text().strip()
+            parsed = accounts.parse_key(key)
+            record = await accounts.lookup_key(client, parsed[0]) if parsed else None
+            if parsed and record and accounts.secret_matches(record, parsed[1]):
+                return key
+        if await accounts.get_account(client, DEMO_ACCOUNT) is None:
+            await accounts.create_account(client, DEMO_ACCOUNT)
+        key = await accounts.create_key(client, DEMO_ACCOUNT, "private")
+    finally:
+        await client.aclose()
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n")
+    return key
+
+
+@app.command()
+def serve() -> None:
+    """Run the front door (HTTP) only; settings from EVENTGATE_* and REDIS_URL."""
+    _exec("ingest")
+
+
+@app.command()
+def worker(
+    *,
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+) -> None:
+    """Run one worker process; run as many as you like, on any host sharing the Redis."""
+    _exec("workers", *(["--burst"] if burst else []))
+
+
+def _exec(module: str, *args: str) -> None:
+    settings_or_exit()  # a bad setting is reported here, before anything starts
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])  # noqa: S606 - ours
+
+
+@accounts_app.command("create")
+def accounts_create(name: str) -> None:
+    """Create an account (tenant)."""
+    created = _run(_settings(), lambda client: accounts.create_account(client, name))
+    out.print(f"created account [bold]{created.name}[/]; make a key: eventgate keys create {name}")
+
+
+@accounts_app.command("list")
+def accounts_list() -> None:
+    """List accounts."""
+    found = _run(_settings(), accounts.list_accounts)
+    table = Table("account", "created", "accepts unregistered events")
+    for account in found:
+        table.add_row(
+            account.name, f"{account.created_at:%Y-%m-%d %H:%M}", str(account.accept_unregistered)
+        )
+    out.print(table)
+
+
+@keys_app.command("create")
+def keys_create(
+    account: str,
+    *,
+    public: Annotated[
+        bool, typer.Option("--public", help="A browser-side key: can only write events.")
+    ] = False,
+) -> None:
+    """Create an API key. It is printed once, alone on the last line: only its hash is kept."""
+    kind: accounts.KeyKind = "public" if public else "private"
+    key = _run(_settings(), lambda client: accounts.create_key(client, account, kind))
+    err.print(f"{kind} key for account {account} (shown once, store it now):")
+    sys.stdout.write(key + "\n")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The key, or its id.")]) -> None:
+    """Revoke a key; every front door refuses it within EVENTGATE_KEY_CACHE_S seconds."""
+    record = _run(_settings(), lambda client: accounts.revoke_key(client, key))
+    out.print(f"revoked key {record.key_id} of account {record.account}")
+
+
+def main() -> None:
+    app()

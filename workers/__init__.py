@@ -1,0 +1,1 @@
+"""Queue consumers: rq workers that normalise, dedupe and write batches to sinks."""

@@ -1,0 +1,75 @@
+"""Running a worker process: sink, Redis checks, and rq's loop restarted after outages."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import redis
+import structlog
+from rq import Queue
+
+from shared.envelope import EnvelopeSerializer
+from shared.errors import ConfigError
+from workers import jobs
+from workers.processor import BatchProcessor
+from workers.sinks import open_sink
+from workers.worker import GatewayWorker
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+log = structlog.get_logger("workers.main")
+
+_MAX_BACKOFF_S = 30.0
+
+
+def check_eviction_policy(client: redis.Redis) -> None:
+    """Refuse a Redis that may evict keys: an evicted job hash is skipped by rq silently.
+
+    Raises:
+        ConfigError: maxmemory-policy is not noeviction.
+    """
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.exceptions.ResponseError:
+        # Managed Redis may forbid CONFIG; the operator's documentation is then the guard.
+        log.warning("redis.policy_unknown", hint="make sure maxmemory-policy is noeviction")
+        return
+    if policy not in (None, "noeviction", b"noeviction"):
+        raise ConfigError(
+            f"Redis maxmemory-policy is {policy!r}: it may evict queued events. "
+            "Set `maxmemory-policy noeviction` in its configuration."
+        )
+
+
+def run_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> None:
+    """Work the queue until SIGTERM/SIGINT (finishing the job in hand), or until it is
+    empty with `burst`. Redis outages restart rq's loop with backoff instead of exiting."""
+    client = redis.Redis.from_url(redis_url, health_check_interval=10)
+    check_eviction_policy(client)
+    sink = open_sink(settings.sink_url)
+    jobs.install(BatchProcessor(sink, client))
+    queue = Queue(settings.queue, connection=client, serializer=EnvelopeSerializer)
+    level = "DEBUG" if settings.log_level == "debug" else "WARNING"
+    backoff = 1.0
+    try:
+        while True:
+            worker = GatewayWorker([queue], connection=client, heartbeat_s=settings.job_heartbeat_s)
+            log.info("worker.started", name=worker.name, queue=settings.queue)
+            try:
+                worked = worker.work(burst=burst, logging_level=level)
+            except redis.exceptions.ConnectionError as exc:
+                # rq's own teardown talks to Redis; if Redis is gone, so is that.
+                log.warning("worker.redis_lost", error=str(exc))
+                worked = False
+            if worker.stop_requested or burst:
+                break
+            # rq leaves its loop on errors it does not handle (Redis gone mid-job).
+            log.warning("worker.restarting", after_s=backoff)
+            time.sleep(backoff)
+            backoff = 1.0 if worked else min(backoff * 2, _MAX_BACKOFF_S)
+    finally:
+        jobs.install(None)
+        sink.close()
+        log.info("worker.stopped")

@@ -1,0 +1,93 @@
+"""What every sink implements, the errors it raises, and the `events` row the SQL sinks share."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import msgspec
+
+from shared.event import utc
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from datetime import datetime
+
+    from shared.event import Event
+
+
+class WriteResult(NamedTuple):
+    """What one `write_batch` did: rows it stored, and events already there (or repeated)."""
+
+    new: int
+    duplicate: int
+
+
+class SinkError(Exception):
+    """A sink could not store a batch."""
+
+
+class SinkUnavailableError(SinkError):
+    """Transient: the sink is down, busy or too slow; the same batch may succeed later."""
+
+
+class SinkRejectedError(SinkError):
+    """Permanent: the sink refuses this data; retrying the same batch cannot succeed."""
+
+
+class Sink(Protocol):
+    def write_batch(self, events: Sequence[Event]) -> WriteResult:
+        """Store the events at most once per (account, event_id), all or none.
+
+        Raises:
+            SinkUnavailableError: nothing was stored; try again later.
+            SinkRejectedError: nothing was stored; the data itself is refused.
+        """
+
+    def close(self) -> None: ...
+
+
+# The columns an Event fills, in `event_row` order; `stored_at` is the sink's own.
+COLUMNS = (
+    "account",
+    "event_id",
+    "name",
+    "occurred_at",
+    "received_at",
+    "source",
+    "identity",
+    "properties",
+    "items",
+    "value",
+    "currency",
+)
+
+Row = tuple[str, str, str, str, str, str, str, str, str, float | None, str | None]
+
+_json = msgspec.json.Encoder()
+
+
+def timestamp(dt: datetime) -> str:
+    """ISO-8601 in UTC with microseconds, e.g. 2025-11-18T07:21:16.527000+00:00.
+
+    A fixed width keeps text timestamps (SQLite) sorting in time order.
+    """
+    return utc(dt).isoformat(timespec="microseconds")
+
+
+def event_row(event: Event) -> Row:
+    """The event as `COLUMNS` values: timestamps as `timestamp` text, JSON as text."""
+    return (
+        event.account,
+        event.event_id,
+        event.name,
+        timestamp(event.occurred_at),
+        timestamp(event.received_at),
+        event.source,
+        _json.encode(event.identity).decode(),
+        _json.encode(event.properties).decode(),
+        _json.encode(event.items).decode(),
+        # Struct init does not check types, and a stray int among floats makes
+        # PostgreSQL's array adaptation refuse the whole batch.
+        None if event.value is None else float(event.value),
+        event.currency,
+    )

@@ -1,0 +1,106 @@
+"""The embedded default sink: an `events` table in a local SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workers.sinks.base import (
+    COLUMNS,
+    SinkRejectedError,
+    SinkUnavailableError,
+    WriteResult,
+    event_row,
+)
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from shared.event import Event
+
+# stored_at has the same fixed-width shape as the other timestamps; SQLite's clock has
+# millisecond precision, so the last three digits are zeros.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    account TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    occurred_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f000+00:00', 'now')),
+    source TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    items TEXT NOT NULL,
+    value REAL,
+    currency TEXT,
+    PRIMARY KEY (account, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_account_occurred_at_idx ON events (account, occurred_at);
+"""
+
+# Only the constant COLUMNS are formatted in; the values travel as parameters.
+_INSERT = (
+    f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"  # noqa: S608
+    " ON CONFLICT (account, event_id) DO NOTHING"
+)
+
+
+class SqliteSink:
+    """One connection in WAL mode; every batch is one fsynced transaction."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
+        """Open (creating the file, its directories and the table) the database at `path`.
+
+        `busy_timeout_ms` is how long a write waits for another writer's lock.
+
+        Raises:
+            SinkUnavailableError: the directory or file cannot be created or opened.
+        """
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are begun explicitly, as BEGIN IMMEDIATE.
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise SinkUnavailableError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        try:
+            # WAL: readers (users' queries) never block the writer, nor it them.
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed batch survives a power cut; NORMAL in WAL mode may lose the
+            # last ones, and the worker acknowledges a batch once write_batch returns.
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise SinkUnavailableError(f"cannot set up SQLite database {self.path}: {exc}") from exc
+
+    def write_batch(self, events: Sequence[Event]) -> WriteResult:
+        """Insert the events in one transaction; existing (account, event_id) are skipped.
+
+        Raises:
+            SinkUnavailableError: the database is locked past the busy timeout, or a disk
+                error (full, I/O, read-only).
+            SinkRejectedError: SQLite refuses a value.
+        """
+        if not events:
+            return WriteResult(new=0, duplicate=0)
+        try:
+            # The context manager commits, or rolls back on any error.
+            with self._conn:
+                # IMMEDIATE takes the write lock up front, so waiting for it honours the
+                # busy timeout instead of failing at once on a read-to-write upgrade.
+                self._conn.execute("BEGIN IMMEDIATE")
+                new = self._conn.executemany(_INSERT, map(event_row, events)).rowcount
+        except sqlite3.OperationalError as exc:
+            raise SinkUnavailableError(f"SQLite {self.path}: {exc}") from exc
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
+            raise SinkRejectedError(f"SQLite {self.path} refused the batch: {exc}") from exc
+        return WriteResult(new=new, duplicate=len(events) - new)
+
+    def close(self) -> None:
+        self._conn.close()
