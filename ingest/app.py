@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import redis.exceptions
 from aiohttp import web
 
+from ingest.accounts import AccountCache
 from ingest.auth import KeyCache
 from ingest.body import BodyLimits
 from ingest.context import GATEWAY, Gateway
@@ -40,6 +42,7 @@ def make_app(settings: Settings, client: aioredis.Redis) -> web.Application:
         settings=settings,
         redis=client,
         keys=KeyCache(client, settings.key_cache_s),
+        accounts=AccountCache(client, settings.key_cache_s),
         enqueuer=enqueuer,
         body_limits=BodyLimits(
             settings.max_body_bytes, settings.max_decompressed_bytes, settings.max_gzip_ratio
@@ -48,6 +51,7 @@ def make_app(settings: Settings, client: aioredis.Redis) -> web.Application:
     app[ERROR_RENDERERS] = {}
     native.add_routes(app)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
 
     async def flusher(_app: web.Application) -> AsyncIterator[None]:
         enqueuer.start()
@@ -59,5 +63,14 @@ def make_app(settings: Settings, client: aioredis.Redis) -> web.Application:
 
 
 async def healthz(_request: web.Request) -> web.Response:
-    """The process is alive and its event loop answers."""
+    """The process is alive and its event loop answers (liveness)."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Whether to send this front door traffic: Redis answers (readiness)."""
+    try:
+        await request.app[GATEWAY].redis.ping()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        return web.json_response({"status": "unavailable", "redis": str(exc)}, status=503)
+    return web.json_response({"status": "ready"})

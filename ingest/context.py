@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
+from ingest.accounts import AccountCache
 from ingest.auth import KeyCache
 from ingest.body import BodyLimits
 from ingest.enqueue import Enqueuer
@@ -22,6 +23,7 @@ class Gateway:
     settings: Settings
     redis: aioredis.Redis
     keys: KeyCache
+    accounts: AccountCache
     enqueuer: Enqueuer
     body_limits: BodyLimits
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import msgspec
 
 from ingest.problems import EventErrors, FieldError, MalformedBodyError
 
 if TYPE_CHECKING:
-    import msgspec
+    from collections.abc import Callable
+
+T = TypeVar("T")
 
 # msgspec reports a byte offset; people read lines and columns.
 _BYTE = re.compile(r"\s*\(byte (\d+)\)$")
@@ -45,6 +49,42 @@ def field_error(exc: msgspec.ValidationError) -> tuple[int | None, FieldError]:
     index = int(match.group(1)) if match.group(1) is not None else None
     field = re.sub(r"\[(\d+)\]", r".\1", match.group(2))
     return index, FieldError(field=field, message=message[: match.start()])
+
+
+class Checked(Generic[T]):
+    """A batch after validation: (index, item) of the valid items, errors of the others."""
+
+    __slots__ = ("rejected", "valid")
+
+    def __init__(self, valid: list[tuple[int, T]], rejected: list[EventErrors]) -> None:
+        self.valid = valid
+        self.rejected = rejected
+
+    def check(self, check: Callable[[T], FieldError | None]) -> Checked[T]:
+        """Move the valid items `check` finds fault with to `rejected`, in index order."""
+        valid: list[tuple[int, T]] = []
+        rejected: list[EventErrors] = []
+        for index, item in self.valid:
+            error = check(item)
+            if error is None:
+                valid.append((index, item))
+            else:
+                rejected.append(EventErrors(index=index, errors=[error]))
+        if rejected:
+            rejected = sorted(self.rejected + rejected, key=lambda e: e.index)
+        return Checked(valid, rejected or self.rejected)
+
+
+def decode_each(raws: list[msgspec.Raw], decoder: msgspec.json.Decoder[T]) -> Checked[T]:
+    """Decode items one by one, so that every invalid one is listed, not just the first."""
+    valid: list[tuple[int, T]] = []
+    rejected: list[EventErrors] = []
+    for index, raw in enumerate(raws):
+        try:
+            valid.append((index, decoder.decode(raw)))
+        except msgspec.ValidationError as exc:
+            rejected.append(EventErrors(index=index, errors=[field_error(exc)[1]]))
+    return Checked(valid, rejected)
 
 
 def future_limit(max_future_s: int) -> datetime:

@@ -77,6 +77,25 @@ async def get_account(client: aioredis.Redis, name: str) -> Account | None:
     return None if raw is None else msgspec.json.decode(raw, type=Account)
 
 
+async def update_account(
+    client: aioredis.Redis, name: str, *, accept_unregistered: bool | None = None
+) -> Account:
+    """Change an account's settings; every process sees them within its cache time.
+
+    Raises:
+        AccountError: no such account.
+    """
+    account = await get_account(client, name)
+    if account is None:
+        raise AccountError(f"no account {name!r}")
+    changes: dict[str, object] = {}
+    if accept_unregistered is not None:
+        changes["accept_unregistered"] = accept_unregistered
+    updated = msgspec.structs.replace(account, **changes)
+    await client.hset(keys.ACCOUNTS, name, msgspec.json.encode(updated))
+    return updated
+
+
 async def list_accounts(client: aioredis.Redis) -> list[Account]:
     raw = await client.hgetall(keys.ACCOUNTS)
     return sorted(

@@ -16,3 +16,13 @@ def account_keys(account: str) -> str:
 def counters(account: str) -> str:
     """Hash of an account's event counters (accepted, persisted, duplicate, ...)."""
     return f"{PREFIX}:count:{{{account}}}"
+
+
+def definitions(account: str) -> str:
+    """Hash of an account's event definitions: name -> Definition (JSON)."""
+    return f"{PREFIX}:defs:{{{account}}}"
+
+
+def definitions_version(account: str) -> str:
+    """Counter bumped on every definitions change, so caches reload only when it moves."""
+    return f"{PREFIX}:defs-ver:{{{account}}}"

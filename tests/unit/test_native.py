@@ -10,6 +10,7 @@ import pytest
 
 from ingest.context import GATEWAY
 from shared import accounts
+from shared.definitions import Definition, PropertySpec, put_definition
 from shared.formats.native import decode_body
 from tests.support import queued_batches
 
@@ -256,3 +257,39 @@ async def test_unknown_route_is_a_problem_not_a_stack_trace(gateway):
     response = await client.get("/nope")
     assert response.status == 404
     assert response.content_type == "application/problem+json"
+
+
+async def test_properties_are_checked_against_the_accounts_definition(gateway, key, fake_redis):
+    """A registered event's properties must match its schema; each bad one is named."""
+    await put_definition(
+        fake_redis,
+        "acme",
+        Definition(
+            name="sale",
+            properties={
+                "quantity": PropertySpec(type="integer", required=True),
+                "sku": PropertySpec(type="string"),
+            },
+        ),
+    )
+    client = await gateway()
+    events = [
+        {"name": "sale", "properties": {"quantity": 2, "sku": "N1", "extra": True}},
+        {"name": "sale", "properties": {"quantity": "two"}},
+        {"name": "sale", "properties": {"sku": "N1"}},
+        {"name": "unregistered"},
+    ]
+    response = await client.post("/v1/events", json=events, headers=auth(key))
+    assert response.status == 422
+    errors = {e["index"]: e["errors"][0] for e in (await response.json())["errors"]}
+    assert sorted(errors) == [1, 2]
+    assert errors[1]["field"] == "properties.quantity"
+    assert "quantity" in errors[2]["message"]
+
+
+async def test_an_account_can_refuse_unregistered_events(gateway, key, fake_redis):
+    await accounts.update_account(fake_redis, "acme", accept_unregistered=False)
+    client = await gateway()
+    response = await client.post("/v1/events", json=[{"name": "mystery"}], headers=auth(key))
+    assert response.status == 422
+    assert (await response.json())["errors"][0]["errors"][0]["field"] == "name"
