@@ -143,7 +143,8 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
 
 
 def _render(request: web.Request, error: GatewayError) -> web.Response:
-    route = request.match_info.route.name or ""
+    # "catalog" and "catalog:slash" (the same path with a trailing slash) share a renderer.
+    route = (request.match_info.route.name or "").partition(":")[0]
     renderer = request.app[ERROR_RENDERERS].get(route, render_problem)
     response = renderer(error, _request_id(request))
     response.headers.update(error.headers)
