@@ -21,6 +21,7 @@ KeyKind = Literal["private", "public"]
 _KIND_TAG: dict[KeyKind, str] = {"private": "sk", "public": "pk"}
 # eg_sk_<key id>.<secret>: the id finds the record, the secret is checked against its hash.
 _KEY_FORMAT = re.compile(r"eg_(sk|pk)_([0-9a-f]{12})\.([A-Za-z0-9_-]{20,64})")
+_KEY_PREFIX = re.compile(r"^eg_(sk|pk)_")
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -144,7 +145,8 @@ async def revoke_key(client: aioredis.Redis, key: str) -> ApiKey:
         AccountError: no such key.
     """
     parsed = parse_key(key)
-    key_id = parsed[0] if parsed else key
+    # The full key, its visible part (eg_sk_<id>), or the bare id.
+    key_id = parsed[0] if parsed else _KEY_PREFIX.sub("", key)
     record = await lookup_key(client, key_id)
     if record is None:
         raise AccountError(f"no key with id {key_id!r}")
