@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING
 import redis.exceptions
 from aiohttp import web
 
+from ingest import admin, persons_api
 from ingest.accounts import AccountCache
 from ingest.auth import KeyCache
 from ingest.body import BodyLimits
 from ingest.context import GATEWAY, Gateway
-from ingest.dialects import native
+from ingest.dialects import bulk, catalog, import_, native, people
 from ingest.enqueue import Enqueuer
 from ingest.problems import ERROR_RENDERERS, problems_middleware
 from shared.jobs import job_template
@@ -50,6 +51,12 @@ def make_app(settings: Settings, client: aioredis.Redis) -> web.Application:
     )
     app[ERROR_RENDERERS] = {}
     native.add_routes(app)
+    catalog.add_routes(app)
+    import_.add_routes(app)
+    admin.add_routes(app)
+    people.add_routes(app)
+    bulk.add_routes(app)
+    persons_api.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
 

@@ -11,8 +11,7 @@ import structlog
 
 from ingest.problems import ServiceUnavailableError
 from shared import jobs, keys
-from shared.envelope import Batch, Part, encode_batch
-from shared.event import new_event_id
+from shared.envelope import Batch, Part
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -50,7 +49,7 @@ class Enqueuer:
         timeout_s: float,
     ) -> None:
         self._client = client
-        self._queue_key = jobs.queue_key(queue)
+        self._queue = queue
         self._template = job_template
         self._job_max_events = job_max_events
         self._timeout_s = timeout_s
@@ -102,9 +101,7 @@ class Enqueuer:
         try:
             # Pipeline methods only queue commands (redis-py types them as awaitables).
             async with self._client.pipeline(transaction=True) as pipe:
-                _ = pipe.sadd(jobs.QUEUES_KEY, self._queue_key)
-                job_ids = [self._add_job(pipe, batch) for batch in self._pack(waiting)]
-                _ = pipe.rpush(self._queue_key, *job_ids)
+                jobs.queue_batches(pipe, self._queue, self._template, self._pack(waiting))
                 for account, count in _accepted_by_account(waiting).items():
                     _ = pipe.hincrby(keys.counters(account), "accepted", count)
                 await pipe.execute()
@@ -138,13 +135,6 @@ class Enqueuer:
         if parts:
             batches.append(Batch(parts=parts))
         return batches
-
-    def _add_job(self, pipe: aioredis.client.Pipeline, batch: Batch) -> str:
-        job_id = new_event_id()
-        events = sum(part.count for part in batch.parts)
-        fields = jobs.job_fields(self._template, encode_batch(batch), events)
-        _ = pipe.hset(jobs.job_key(job_id), mapping=fields)  # type: ignore[arg-type]
-        return job_id
 
 
 def _accepted_by_account(waiting: list[_Waiting]) -> dict[str, int]:

@@ -72,6 +72,16 @@ class ForbiddenError(GatewayError):
     status, title, code = 403, "API key not allowed here", "forbidden"
 
 
+class BadParameterError(GatewayError):
+    """A query parameter or header is missing or malformed; `parameter` names it."""
+
+    status, title, code = 400, "Invalid request parameter", "bad_parameter"
+
+    def __init__(self, detail: str, *, parameter: str) -> None:
+        super().__init__(detail)
+        self.parameter = parameter
+
+
 class ServiceUnavailableError(GatewayError):
     status, title, code = 503, "Queue unavailable; retry later", "unavailable"
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import msgspec
 
-from ingest.problems import EventErrors, FieldError, MalformedBodyError
+from ingest.problems import EventErrors, FieldError, MalformedBodyError, TooManyEventsError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -18,14 +18,19 @@ T = TypeVar("T")
 # msgspec reports a byte offset; people read lines and columns.
 _BYTE = re.compile(r"\s*\(byte (\d+)\)$")
 _PATH = re.compile(r" - at `\$(?:\[(\d+)\])?\.?(.*)`$")
+_MISSING = re.compile(r"Object missing required field `(.*)`")
+# msgspec stops at Python's recursion limit (about 1000 levels): a 4xx, never a 500.
+_TOO_DEEP = "arrays or objects nested too deeply"
 # A batch with thousands of bad events lists the first ones; the rest are counted.
 MAX_LISTED = 100
 # How many invalid events the one-line `detail` names; `errors` lists them all.
 _IN_DETAIL = 3
 
 
-def malformed_json(body: bytes, exc: msgspec.DecodeError) -> MalformedBodyError:
+def malformed_json(body: bytes, exc: msgspec.DecodeError | RecursionError) -> MalformedBodyError:
     """A 400 naming the line and column of the problem, and what was expected."""
+    if isinstance(exc, RecursionError):
+        return MalformedBodyError(f"invalid JSON: {_TOO_DEEP}")
     message = str(exc).removeprefix("JSON is malformed: ")
     match = _BYTE.search(message)
     if "truncated" in message:
@@ -43,12 +48,17 @@ def malformed_json(body: bytes, exc: msgspec.DecodeError) -> MalformedBodyError:
 def field_error(exc: msgspec.ValidationError) -> tuple[int | None, FieldError]:
     """(batch index if the path has one, the field and message) of one validation error."""
     message = str(exc)
+    index, field = None, ""
     match = _PATH.search(message)
-    if not match:
-        return None, FieldError(field="", message=message)
-    index = int(match.group(1)) if match.group(1) is not None else None
-    field = re.sub(r"\[(\d+)\]", r".\1", match.group(2))
-    return index, FieldError(field=field, message=message[: match.start()])
+    if match:
+        index = int(match.group(1)) if match.group(1) is not None else None
+        field = re.sub(r"\[(\d+)\]", r".\1", match.group(2))
+        message = message[: match.start()]
+    missing = _MISSING.fullmatch(message)
+    if missing:
+        # Name the missing field itself, not the object it is missing from.
+        field = f"{field}.{missing.group(1)}" if field else missing.group(1)
+    return index, FieldError(field=field, message=message)
 
 
 class Checked(Generic[T]):
@@ -84,7 +94,20 @@ def decode_each(raws: list[msgspec.Raw], decoder: msgspec.json.Decoder[T]) -> Ch
             valid.append((index, decoder.decode(raw)))
         except msgspec.ValidationError as exc:
             rejected.append(EventErrors(index=index, errors=[field_error(exc)[1]]))
+        except RecursionError:
+            rejected.append(EventErrors(index=index, errors=[FieldError("", _TOO_DEEP)]))
     return Checked(valid, rejected)
+
+
+def check_count(count: int, max_events: int) -> None:
+    """Raises:
+    TooManyEventsError: more than `max_events`.
+    MalformedBodyError: none at all.
+    """
+    if count > max_events:
+        raise TooManyEventsError(f"{count} events; at most {max_events} per request")
+    if count == 0:
+        raise MalformedBodyError("empty array; send at least one event")
 
 
 def future_limit(max_future_s: int) -> datetime:

@@ -4,38 +4,51 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from http import HTTPStatus
+from pathlib import Path  # noqa: TC003 - typer reads annotations at run time
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
+import msgspec
 import redis.asyncio as aioredis
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared import accounts
+from shared import accounts, definitions
+from shared.bench.command import bench as bench_command
+from shared.formats.person import PersonIn, create_person
+from shared.load.command import load as load_command
 from shared.logging import configure_logging
+from shared.persons import PersonError
 from shared.redis_server import redis_url_for
 from shared.settings import Settings, settings_or_exit
 from shared.supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
-    from pathlib import Path
 
 app = typer.Typer(
     help="eventgate: an event ingestion gateway. HTTP in, Redis queue, exactly-once rows out.",
     no_args_is_help=True,
     add_completion=False,
 )
-accounts_app = typer.Typer(help="Create and list accounts (tenants).", no_args_is_help=True)
+accounts_app = typer.Typer(help="Create, change and list accounts (tenants).", no_args_is_help=True)
 keys_app = typer.Typer(help="Create and revoke API keys.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
+definitions_app = typer.Typer(help="Load and list event definitions.", no_args_is_help=True)
+app.add_typer(definitions_app, name="definitions")
+persons_app = typer.Typer(help="Create persons (profiles).", no_args_is_help=True)
+app.add_typer(persons_app, name="persons")
+# The load generator and the benchmark live in their own packages.
+app.command("load")(load_command)
+app.command("bench")(bench_command)
 
 out = Console()
 err = Console(stderr=True)
@@ -86,6 +99,7 @@ def up(
     and a demo account whose key is printed with a ready curl line."""
     settings = _settings(port=port, workers=workers)
     configure_logging(settings)
+    _check_port_free(settings.host, settings.port)
     with redis_url_for(settings) as url:
         key = asyncio.run(_demo_key(url, settings.data_dir))
         env = {**os.environ, "REDIS_URL": url}
@@ -94,13 +108,32 @@ def up(
         ]
         supervisor = Supervisor(children, env)
         supervisor.start()
-        base = f"http://{settings.host}:{settings.port}"
-        if not _wait_healthy(f"{base}/healthz", supervisor):
+        # Whatever ends `up` from here (a signal while starting included), the children go
+        # first and Redis last.
+        try:
+            base = f"http://{settings.host}:{settings.port}"
+            if not _wait_healthy(f"{base}/healthz", supervisor):
+                err.print("[red]error:[/] the front door did not start; see the log above")
+                raise typer.Exit(1)
+            _banner(base, key, settings)
+            supervisor.run()
+        finally:
             supervisor.stop()
-            err.print("[red]error:[/] the front door did not start; see the log above")
-            raise typer.Exit(1)
-        _banner(base, key, settings)
-        supervisor.run()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse to start beside another server on the port: its /healthz would answer ours."""
+    with socket.socket() as sock:
+        # As aiohttp binds: a port left in TIME_WAIT by a previous run is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            err.print(
+                f"[red]error:[/] cannot listen on {host}:{port} ({exc.strerror}); "
+                "stop what runs there or choose another port with --port or EVENTGATE_PORT"
+            )
+            raise typer.Exit(1) from None
 
 
 def _banner(base: str, key: str, settings: Settings) -> None:
@@ -190,6 +223,32 @@ def accounts_list() -> None:
     out.print(table)
 
 
+@accounts_app.command("set")
+def accounts_set(
+    name: str,
+    *,
+    accept_unregistered: Annotated[
+        bool | None,
+        typer.Option(
+            "--accept-unregistered/--no-accept-unregistered",
+            help="Whether events without a definition are accepted (the import dialect never"
+            " accepts them).",
+        ),
+    ] = None,
+) -> None:
+    """Change an account's settings; front doors use them within EVENTGATE_KEY_CACHE_S."""
+    updated = _run(
+        _settings(),
+        lambda client: accounts.update_account(
+            client, name, accept_unregistered=accept_unregistered
+        ),
+    )
+    out.print(
+        f"account [bold]{updated.name}[/]: accepts unregistered events:"
+        f" {updated.accept_unregistered}"
+    )
+
+
 @keys_app.command("create")
 def keys_create(
     account: str,
@@ -210,6 +269,93 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key, or its id.")])
     """Revoke a key; every front door refuses it within EVENTGATE_KEY_CACHE_S seconds."""
     record = _run(_settings(), lambda client: accounts.revoke_key(client, key))
     out.print(f"revoked key {record.key_id} of account {record.account}")
+
+
+@persons_app.command("create")
+def persons_create(
+    account: str,
+    *,
+    person_id: Annotated[str, typer.Option("--id", help="The person's id.")],
+    external_id: Annotated[str | None, typer.Option(help="Its external id.")] = None,
+    email: Annotated[str | None, typer.Option(help="Its email address.")] = None,
+    phone: Annotated[str | None, typer.Option(help="Its phone number.")] = None,
+) -> None:
+    """Create a person: indexed at once (the people dialect finds it), its profile rows
+    written by a worker. Run again with more identifiers to add them."""
+    fields = {"id": person_id, "external_id": external_id, "email": email, "phone": phone}
+    try:
+        person = msgspec.convert({k: v for k, v in fields.items() if v is not None}, PersonIn)
+    except msgspec.ValidationError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    settings = _settings()
+    try:
+        created = _run(settings, lambda client: create_person(client, settings, account, person))
+    except PersonError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    verb = "created" if created else "updated"
+    out.print(f"{verb} person [bold]{person.id}[/] of account {account}")
+
+
+@definitions_app.command("load")
+def definitions_load(
+    account: str,
+    file: Annotated[
+        Path, typer.Argument(help="JSON or YAML: a list of {name, properties: {prop: {type}}}.")
+    ],
+) -> None:
+    """Create or replace an account's event definitions from a file; the others stay."""
+    try:
+        loaded = definitions.parse_definitions(file.read_bytes())
+        definitions.compile_definitions(loaded)  # every problem found before anything is stored
+    except OSError as exc:
+        err.print(f"[red]error:[/] cannot read {file}: {exc.strerror}")
+        raise typer.Exit(1) from None
+    except definitions.DefinitionError as exc:
+        err.print(f"[red]error:[/] {file}: {exc}")
+        raise typer.Exit(1) from None
+    count = _run(_settings(), lambda client: _store_definitions(client, account, loaded))
+    out.print(f"loaded {count} definition(s) into account [bold]{account}[/]")
+
+
+async def _store_definitions(
+    client: aioredis.Redis, account: str, loaded: list[definitions.Definition]
+) -> int:
+    if await accounts.get_account(client, account) is None:
+        raise accounts.AccountError(f"no account {account!r}")
+    return await definitions.put_definitions(client, account, loaded)
+
+
+@definitions_app.command("list")
+def definitions_list(account: str) -> None:
+    """List an account's event definitions (* marks a required property)."""
+    found = _run(_settings(), lambda client: _account_definitions(client, account))
+    table = Table("event", "properties", "description")
+    for definition in found:
+        table.add_row(definition.name, _describe(definition.properties), definition.description)
+    out.print(table)
+
+
+async def _account_definitions(
+    client: aioredis.Redis, account: str
+) -> list[definitions.Definition]:
+    if await accounts.get_account(client, account) is None:
+        raise accounts.AccountError(f"no account {account!r}")
+    return await definitions.list_definitions(client, account)
+
+
+def _describe(properties: dict[str, definitions.PropertySpec]) -> str:
+    """`sku: string*, lines: array[object]`: each property's type, * if required."""
+
+    def kind(spec: definitions.PropertySpec) -> str:
+        if spec.type == "array" and spec.items is not None:
+            return f"array[{kind(spec.items)}]"
+        return spec.type
+
+    return ", ".join(
+        f"{name}: {kind(spec)}{'*' if spec.required else ''}" for name, spec in properties.items()
+    )
 
 
 def main() -> None:

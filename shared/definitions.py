@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -37,7 +37,7 @@ DefinitionName = msgspec.Meta(min_length=1, max_length=256)
 class Definition(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """An event name and the schema of its properties. Properties not listed are kept as sent."""
 
-    name: str
+    name: Annotated[str, DefinitionName]
     properties: dict[str, PropertySpec] = {}
     description: str = ""
 
@@ -68,10 +68,15 @@ def _python_type(spec: PropertySpec, path: str) -> Any:  # noqa: ANN401 - a type
 
 
 def _struct_type(name: str, properties: Mapping[str, PropertySpec]) -> type[msgspec.Struct]:
-    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
-    for prop, spec in properties.items():
+    fields: list[tuple[str, Any, Any]] = []
+    for number, (prop, spec) in enumerate(properties.items()):
         kind = _python_type(spec, f"{name}.{prop}")
-        fields.append((prop, kind) if spec.required else (prop, kind | None, None))
+        # Property names are any JSON key ("df-order id", "1", "__init__"); the struct's
+        # attributes are made-up identifiers renamed to them, so every name compiles.
+        if spec.required:
+            fields.append((f"p{number}", kind, msgspec.field(name=prop)))
+        else:
+            fields.append((f"p{number}", kind | None, msgspec.field(default=None, name=prop)))
     # Unknown properties are allowed (and kept by the caller, who validates, not converts).
     return msgspec.defstruct(name or "properties", fields, kw_only=True)
 
@@ -116,14 +121,60 @@ def parse_definitions(data: bytes) -> list[Definition]:
     if stripped[:1] not in (b"[", b"{"):
         try:
             data = json.dumps(yaml.safe_load(data), default=str).encode()
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: a cycle
             raise DefinitionError(f"invalid YAML: {exc}") from None
     if data.lstrip()[:1] == b"{":
         data = b"[" + data + b"]"
     try:
         return DEFINITIONS_DECODER.decode(data)
-    except msgspec.DecodeError as exc:
+    except msgspec.ValidationError as exc:
+        raise DefinitionError(f"invalid definitions: {_locate(data) or exc}") from None
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise DefinitionError(f"invalid definitions: {exc}") from None
+
+
+class _Loose(msgspec.Struct):
+    """A definition or property with its properties undecoded, to find the bad one."""
+
+    properties: dict[str, msgspec.Raw] | None = None
+    items: msgspec.Raw = msgspec.Raw()  # empty: none (msgspec takes no `Raw | None`)
+
+
+_LOOSE_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
+_SPEC_DECODER = msgspec.json.Decoder(PropertySpec)
+
+
+def _locate(data: bytes) -> str | None:
+    """`definition #1 (name): property x.y: why`; msgspec says only `properties[...]`."""
+    try:
+        raws = _LOOSE_DECODER.decode(data)
+    except msgspec.ValidationError:
+        return None  # not a list: msgspec's own message says so
+    for index, raw in enumerate(raws):
+        found = bad_property(raw)
+        if found:
+            name = msgspec.json.decode(raw, type=dict[str, Any]).get("name")
+            return f"definition #{index + 1} ({name}): {found}"
+    return None
+
+
+def bad_property(raw: msgspec.Raw, path: str = "") -> str | None:
+    """`property path: why` of the first property of a raw definition (or property spec)
+    that is not a valid PropertySpec, or None."""
+    try:
+        loose = msgspec.json.decode(raw, type=_Loose)
+    except msgspec.ValidationError:
+        return None
+    children = list((loose.properties or {}).items())
+    if loose.items:
+        children.append(("[]", loose.items))
+    for name, child in children:
+        where = f"{path}{name}" if name == "[]" or not path else f"{path}.{name}"
+        try:
+            _SPEC_DECODER.decode(child)
+        except msgspec.ValidationError as exc:
+            return bad_property(child, where) or f"property {where}: {exc}"
+    return None
 
 
 @cache
@@ -173,6 +224,11 @@ async def delete_definition(client: aioredis.Redis, account: str, name: str) -> 
         _ = pipe.incr(keys.definitions_version(account))
         removed, _version = await pipe.execute()
     return bool(removed)
+
+
+async def get_definition(client: aioredis.Redis, account: str, name: str) -> Definition | None:
+    raw = await client.hget(keys.definitions(account), name)
+    return None if raw is None else _DECODER.decode(raw)
 
 
 async def list_definitions(client: aioredis.Redis, account: str) -> list[Definition]:

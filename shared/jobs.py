@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING
 import redis
 from rq.job import Job, JobStatus, Retry
 
-from shared.envelope import JOB_FUNC, EnvelopeSerializer
+from shared.envelope import JOB_FUNC, Batch, EnvelopeSerializer, encode_batch
+from shared.event import new_event_id
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from shared.settings import Settings
 
 JobFields = Mapping[str, str | bytes | int]
@@ -78,3 +81,24 @@ def job_fields(
         "data": data,
         "description": f"batch of {events} events",
     }
+
+
+def queue_batches(
+    pipe: aioredis.client.Pipeline | redis.client.Pipeline,
+    queue: str,
+    template: Mapping[str, str | bytes | int],
+    batches: list[Batch],
+) -> list[str]:
+    """Add to `pipe` (a MULTI, so the jobs appear at once or not at all) the commands that
+    queue one rq job per batch on `queue`; returns the job ids."""
+    job_ids = []
+    # Pipeline methods only queue commands (redis-py types them as awaitables).
+    _ = pipe.sadd(QUEUES_KEY, queue_key(queue))
+    for batch in batches:
+        job_id = new_event_id()
+        events = sum(part.count for part in batch.parts)
+        fields = job_fields(template, encode_batch(batch), events)
+        _ = pipe.hset(job_key(job_id), mapping=fields)  # type: ignore[arg-type]
+        job_ids.append(job_id)
+    _ = pipe.rpush(queue_key(queue), *job_ids)
+    return job_ids

@@ -26,3 +26,8 @@ def definitions(account: str) -> str:
 def definitions_version(account: str) -> str:
     """Counter bumped on every definitions change, so caches reload only when it moves."""
     return f"{PREFIX}:defs-ver:{{{account}}}"
+
+
+def persons(account: str) -> str:
+    """Hash of an account's person index: "<IDENTIFIER TYPE>:<value>" -> person id."""
+    return f"{PREFIX}:persons:{{{account}}}"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import signal
+import threading
 from typing import TYPE_CHECKING
 
 import redis
@@ -52,23 +53,33 @@ def run_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> No
     jobs.install(BatchProcessor(sink, client))
     queue = Queue(settings.queue, connection=client, serializer=EnvelopeSerializer)
     level = "DEBUG" if settings.log_level == "debug" else "WARNING"
+    # Set by SIGTERM/SIGINT whenever it comes: during a job, between rq loops or in a backoff.
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
     backoff = 1.0
     try:
-        while True:
-            worker = GatewayWorker([queue], connection=client, heartbeat_s=settings.job_heartbeat_s)
-            log.info("worker.started", name=worker.name, queue=settings.queue)
+        while not stopping.is_set():
+            worked = False
             try:
+                # rq's Worker talks to Redis as soon as it is made: inside the try.
+                worker = GatewayWorker(
+                    [queue],
+                    connection=client,
+                    heartbeat_s=settings.job_heartbeat_s,
+                    stopping=stopping,
+                )
+                log.info("worker.started", name=worker.name, queue=settings.queue)
                 worked = worker.work(burst=burst, logging_level=level)
-            except redis.exceptions.ConnectionError as exc:
-                # rq's own teardown talks to Redis; if Redis is gone, so is that.
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("worker.redis_lost", error=str(exc))
-                worked = False
-            if worker.stop_requested or burst:
+            if burst:
                 break
             # rq leaves its loop on errors it does not handle (Redis gone mid-job).
-            log.warning("worker.restarting", after_s=backoff)
-            time.sleep(backoff)
             backoff = 1.0 if worked else min(backoff * 2, _MAX_BACKOFF_S)
+            if not stopping.is_set():
+                log.warning("worker.restarting", after_s=backoff)
+                stopping.wait(backoff)
     finally:
         jobs.install(None)
         sink.close()

@@ -10,12 +10,14 @@ import structlog
 
 from shared import keys
 from shared.envelope import EnvelopeError, decode_batch
-from shared.formats import normalise
+from shared.formats import normalise, read_profiles
+from workers.profiles import ProfileRecorder
 
 if TYPE_CHECKING:
     import redis
 
     from shared.event import Event
+    from shared.persons import Sighting
     from workers.sinks.base import Sink
 
 log = structlog.get_logger("workers.batch")
@@ -32,19 +34,21 @@ class BatchProcessor:
     def __init__(self, sink: Sink, client: redis.Redis) -> None:
         self.sink = sink
         self._client = client
+        self._profiles = ProfileRecorder(sink, client)
 
     def process(self, data: bytes) -> None:
         """Steps: decode the envelope; normalise every part into canonical events; write
         each account's events to the sink in one call (its unique key makes a retried or
-        resent event a duplicate, never a second row); count new and duplicate events.
+        resent event a duplicate, never a second row); upsert the persons the batch shows
+        into the profiles (one more call); count new and duplicate events.
 
         Raises:
             PoisonBatchError: the envelope or a body cannot be read; never retried.
             SinkUnavailableError: the sink is down; rq retries the job with backoff.
         """
         started = time.perf_counter()
-        by_account = self._events_by_account(data)
-        totals = {"persisted": 0, "duplicate": 0}
+        by_account, profile_updates = self._events_by_account(data)
+        totals = {"persisted": 0, "duplicate": 0, "profiles": 0}
         with self._client.pipeline(transaction=False) as pipe:
             for account, events in by_account.items():
                 result = self.sink.write_batch(events)
@@ -52,6 +56,7 @@ class BatchProcessor:
                 pipe.hincrby(keys.counters(account), "duplicate", result.duplicate)
                 totals["persisted"] += result.new
                 totals["duplicate"] += result.duplicate
+            totals["profiles"] = self._profiles.record(by_account, profile_updates)
             # Counted after the writes: a crash in between makes the retry count these
             # events as duplicates, so persisted + duplicate still adds up to accepted.
             pipe.execute()
@@ -63,12 +68,15 @@ class BatchProcessor:
         )
 
     @staticmethod
-    def _events_by_account(data: bytes) -> dict[str, list[Event]]:
+    def _events_by_account(data: bytes) -> tuple[dict[str, list[Event]], list[Sighting]]:
+        """The batch's events by account, and its profile updates besides their identities."""
         try:
             batch = decode_batch(data)
             by_account: dict[str, list[Event]] = {}
+            profile_updates: list[Sighting] = []
             for part in batch.parts:
                 by_account.setdefault(part.account, []).extend(normalise(part))
+                profile_updates.extend(read_profiles(part))
         except (EnvelopeError, msgspec.DecodeError, KeyError) as exc:
             raise PoisonBatchError(f"unreadable batch: {exc}") from exc
-        return by_account
+        return by_account, profile_updates

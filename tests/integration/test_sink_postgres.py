@@ -133,7 +133,9 @@ def test_table_shape(admin, schema):
         ("currency", "text", "YES"),
     ]
     indexes = admin.execute(
-        "SELECT indexdef FROM pg_indexes WHERE schemaname = %s ORDER BY indexname", [schema]
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = 'events'"
+        " ORDER BY indexname",
+        [schema],
     ).fetchall()
     assert [row[0].split(" USING ")[1] for row in indexes] == [
         "btree (account, occurred_at)",

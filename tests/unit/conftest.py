@@ -1,4 +1,4 @@
-"""Front-door fixtures: the app over fakeredis, an account and its keys."""
+"""Front-door fixtures: the app over fakeredis, an account and its keys; a worker into SQLite."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ import fakeredis
 import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from rq import Queue
 
 from ingest.app import make_app
 from ingest.server import RUNNER_OPTIONS
 from shared import accounts
+from shared.envelope import EnvelopeSerializer
 from shared.settings import Settings, load_settings
+from workers import jobs as worker_jobs
+from workers.processor import BatchProcessor
+from workers.sinks import open_sink
+from workers.worker import GatewayWorker
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -56,3 +62,31 @@ def gateway(aiohttp_client, fake_redis, settings) -> MakeClient:  # type: ignore
 async def key(fake_redis) -> str:  # type: ignore[no-untyped-def]
     await accounts.create_account(fake_redis, "acme")
     return await accounts.create_key(fake_redis, "acme", "private")
+
+
+@pytest.fixture
+def sync_redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fake_server)
+
+
+@pytest.fixture
+def sink_path(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
+
+
+@pytest.fixture
+def run_worker(sync_redis, sink_path, settings: Settings):  # type: ignore[no-untyped-def]
+    """Run a burst worker over the queue: every job, then return."""
+
+    def run() -> None:
+        sink = open_sink(f"sqlite:///{sink_path}")
+        worker_jobs.install(BatchProcessor(sink, sync_redis))
+        try:
+            queue = Queue(settings.queue, connection=sync_redis, serializer=EnvelopeSerializer)
+            worker = GatewayWorker([queue], connection=sync_redis, heartbeat_s=2)
+            worker.work(burst=True, logging_level="WARNING")
+        finally:
+            worker_jobs.install(None)
+            sink.close()
+
+    return run

@@ -109,6 +109,10 @@ async def test_strict_false_with_nothing_valid_is_422(gateway, key, fake_redis):
         (b'"just a string"', 400, "object"),
         (b"\xff\xfe{}", 400, "invalid JSON"),
         (b'[{"name": "a"}', 400, "line 1"),
+        # A wrong type stops the fast path before the bad syntax or the depth is reached.
+        (b'[{"name": 5}, Infinity]', 400, "line 1, column 15"),
+        (b'[{"name": 5}, {"name": "b", "properties": {"x": ' + b"[" * 5000, 400, "too deeply"),
+        (b"[" * 5000 + b"]" * 5000, 400, "too deeply"),
     ],
 )
 async def test_malformed_bodies_get_a_4xx_and_nothing_queued(

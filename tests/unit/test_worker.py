@@ -6,50 +6,15 @@ import json
 import sqlite3
 from typing import TYPE_CHECKING
 
-import fakeredis
 import msgspec
-import pytest
-from rq import Queue
 from rq.registry import FailedJobRegistry
 
 from shared import jobs
-from shared.envelope import Batch, EnvelopeSerializer, Part, encode_batch
+from shared.envelope import Batch, Part, encode_batch
 from shared.settings import Settings
-from workers import jobs as worker_jobs
-from workers.processor import BatchProcessor
-from workers.sinks import open_sink
-from workers.worker import GatewayWorker
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-
-@pytest.fixture
-def sync_redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=fake_server)
-
-
-@pytest.fixture
-def sink_path(tmp_path: Path) -> Path:
-    return tmp_path / "events.db"
-
-
-@pytest.fixture
-def run_worker(sync_redis, sink_path, settings: Settings):  # type: ignore[no-untyped-def]
-    """Run a burst worker over the queue: every job, then return."""
-
-    def run() -> None:
-        sink = open_sink(f"sqlite:///{sink_path}")
-        worker_jobs.install(BatchProcessor(sink, sync_redis))
-        try:
-            queue = Queue(settings.queue, connection=sync_redis, serializer=EnvelopeSerializer)
-            worker = GatewayWorker([queue], connection=sync_redis, heartbeat_s=2)
-            worker.work(burst=True, logging_level="WARNING")
-        finally:
-            worker_jobs.install(None)
-            sink.close()
-
-    return run
 
 
 def rows(sink_path: Path) -> list[tuple[str, str, str, str]]:

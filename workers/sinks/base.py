@@ -1,4 +1,4 @@
-"""What every sink implements, the errors it raises, and the `events` row the SQL sinks share."""
+"""What every sink implements, the errors it raises, and the rows the SQL sinks share."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from shared.event import Event
+    from shared.persons import Profile
 
 
 class WriteResult(NamedTuple):
@@ -37,6 +38,16 @@ class SinkRejectedError(SinkError):
 class Sink(Protocol):
     def write_batch(self, events: Sequence[Event]) -> WriteResult:
         """Store the events at most once per (account, event_id), all or none.
+
+        Raises:
+            SinkUnavailableError: nothing was stored; try again later.
+            SinkRejectedError: nothing was stored; the data itself is refused.
+        """
+
+    def upsert_profiles(self, profiles: Sequence[Profile]) -> int:
+        """Create or update one `profiles` row per (account, identifier type, identifier)
+        in one statement: attributes merged at the top level (a None unsets one), seen
+        times widened, the stored person id kept. Returns the rows written.
 
         Raises:
             SinkUnavailableError: nothing was stored; try again later.
@@ -90,4 +101,31 @@ def event_row(event: Event) -> Row:
         # PostgreSQL's array adaptation refuse the whole batch.
         None if event.value is None else float(event.value),
         event.currency,
+    )
+
+
+# The `profiles` columns, in `profile_row` order: one row per identifier of a person.
+PROFILE_COLUMNS = (
+    "account",
+    "identifier_type",
+    "identifier",
+    "person_id",
+    "attributes",
+    "first_seen",
+    "last_seen",
+)
+
+ProfileRow = tuple[str, str, str, str, str, str, str]
+
+
+def profile_row(profile: Profile) -> ProfileRow:
+    """The profile as `PROFILE_COLUMNS` values: timestamps as `timestamp` text, JSON as text."""
+    return (
+        profile.account,
+        profile.identifier_type,
+        profile.identifier,
+        profile.person_id,
+        _json.encode(profile.attributes).decode(),
+        timestamp(profile.first_seen),
+        timestamp(profile.last_seen),
     )

@@ -1,22 +1,26 @@
-"""The PostgreSQL sink: an `events` table written by one persistent connection per worker."""
+"""The PostgreSQL sink: `events` and `profiles` tables written by one persistent connection
+per worker."""
 
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, LiteralString
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from shared.errors import ConfigError
+from shared.persons import merge_profiles
 from workers.sinks.base import (
     COLUMNS,
+    PROFILE_COLUMNS,
     SinkError,
     SinkRejectedError,
     SinkUnavailableError,
     WriteResult,
     event_row,
+    profile_row,
 )
 
 if TYPE_CHECKING:
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from psycopg.rows import TupleRow
 
     from shared.event import Event
+    from shared.persons import Profile
 
 # Applied unless the DSN sets them. Keepalives notice a peer that vanished without a word
 # (host down, NAT or firewall dropping the flow) within about a minute, rather than a write
@@ -56,6 +61,20 @@ CREATE TABLE {table} (
 _CREATE_INDEX = sql.SQL(
     "CREATE INDEX events_account_occurred_at_idx ON {table} (account, occurred_at)"
 )
+_CREATE_PROFILES = sql.SQL("""
+CREATE TABLE {table} (
+    account text NOT NULL,
+    identifier_type text NOT NULL,
+    identifier text NOT NULL,
+    person_id text NOT NULL,
+    attributes jsonb NOT NULL,
+    first_seen timestamptz NOT NULL,
+    last_seen timestamptz NOT NULL,
+    PRIMARY KEY (account, identifier_type, identifier)
+)""")
+_CREATE_PROFILES_INDEX = sql.SQL(
+    "CREATE INDEX profiles_account_person_id_idx ON {table} (account, person_id)"
+)
 
 # The array each `event_row` column travels in; text for timestamps and JSON, which the
 # server casts (they arrive as ISO-8601 and JSON text).
@@ -71,7 +90,22 @@ _ARRAY_TYPES = {
     "items": "jsonb",
     "value": "float8",
     "currency": "text",
+    "identifier_type": "text",
+    "identifier": "text",
+    "person_id": "text",
+    "attributes": "jsonb",
+    "first_seen": "timestamptz",
+    "last_seen": "timestamptz",
 }
+
+# Attributes merge at the top level: the update's keys replace the stored ones, and a
+# null in the update (an unset) removes one, as the SQLite sink's json_patch does.
+_UPSERT_PROFILES = """INSERT INTO {table} AS stored ({columns}) SELECT * FROM unnest({arrays})
+ ON CONFLICT (account, identifier_type, identifier) DO UPDATE SET
+ attributes = (stored.attributes - ARRAY(SELECT jsonb_object_keys(excluded.attributes)))
+   || jsonb_strip_nulls(excluded.attributes),
+ first_seen = LEAST(stored.first_seen, excluded.first_seen),
+ last_seen = GREATEST(stored.last_seen, excluded.last_seen)"""
 
 
 class _LostBeforeCommitError(SinkUnavailableError):
@@ -107,17 +141,16 @@ class PostgresSink:
         self._conninfo = make_conninfo("", **{**defaults, **params})
         self._statement_timeout_ms = statement_timeout_ms
         self._table = sql.Identifier(schema, "events")
+        self._profiles_table = sql.Identifier(schema, "profiles")
         self._schema = schema
-        self._insert = sql.SQL(
+        self._insert = _unnest_statement(
             "INSERT INTO {table} ({columns}) SELECT * FROM unnest({arrays})"
-            " ON CONFLICT (account, event_id) DO NOTHING"
-        ).format(
-            table=self._table,
-            columns=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-            # %b: binary arrays, no quoting or escaping of every element.
-            arrays=sql.SQL(", ").join(
-                sql.SQL("%b::{}[]").format(sql.SQL(_ARRAY_TYPES[c])) for c in COLUMNS
-            ),
+            " ON CONFLICT (account, event_id) DO NOTHING",
+            self._table,
+            COLUMNS,
+        )
+        self._upsert_profiles = _unnest_statement(
+            _UPSERT_PROFILES, self._profiles_table, PROFILE_COLUMNS
         )
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._closed = False
@@ -141,14 +174,23 @@ class PostgresSink:
         # Rows in key order take row locks in one order, so two workers writing overlapping
         # batches wait on each other instead of deadlocking.
         rows = sorted(map(event_row, events), key=itemgetter(0, 1))
-        params = [list(column) for column in zip(*rows, strict=True)]
-        try:
-            new = self._insert_rows(params)
-        except _LostBeforeCommitError:
-            # Nothing of the batch was stored; typically the server closed an idle
-            # connection (restart, idle timeout, failover).
-            new = self._insert_rows(params)
+        new = self._write(self._insert, rows)
         return WriteResult(new=new, duplicate=len(events) - new)
+
+    def upsert_profiles(self, profiles: Sequence[Profile]) -> int:
+        """Upsert one row per identifier in one statement (see `Sink.upsert_profiles`);
+        rows in key order, as `write_batch`'s, so concurrent upserts do not deadlock.
+
+        Raises:
+            SinkUnavailableError: as `write_batch`.
+            SinkRejectedError: as `write_batch`.
+            SinkError: the sink was closed.
+        """
+        if not profiles:
+            return 0
+        rows = [profile_row(p) for p in merge_profiles(profiles)]
+        self._write(self._upsert_profiles, rows)
+        return len(rows)
 
     def close(self) -> None:
         self._closed = True
@@ -156,12 +198,22 @@ class PostgresSink:
             self._conn.close()
             self._conn = None
 
-    def _insert_rows(self, params: list[list[object]]) -> int:
+    def _write(self, statement: sql.Composed, rows: Sequence[tuple[object, ...]]) -> int:
+        """Run an unnest statement over `rows` (one array per column); the rows it changed."""
+        params = [list(column) for column in zip(*rows, strict=True)]
+        try:
+            return self._execute(statement, params)
+        except _LostBeforeCommitError:
+            # Nothing of the batch was stored; typically the server closed an idle
+            # connection (restart, idle timeout, failover).
+            return self._execute(statement, params)
+
+    def _execute(self, statement: sql.Composed, params: list[list[object]]) -> int:
         conn = self._connection()
         committing = False
         try:
             with conn.transaction():
-                new = conn.execute(self._insert, params).rowcount
+                new = conn.execute(statement, params).rowcount
                 committing = True
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             if conn.broken and not committing:
@@ -212,4 +264,26 @@ class PostgresSink:
             if exists is None:
                 conn.execute(_CREATE_TABLE.format(table=self._table))
                 conn.execute(_CREATE_INDEX.format(table=self._table))
+            profiles = conn.execute(
+                "SELECT 1 FROM pg_catalog.pg_tables"
+                " WHERE schemaname = %s AND tablename = 'profiles'",
+                [self._schema],
+            ).fetchone()
+            if profiles is None:
+                conn.execute(_CREATE_PROFILES.format(table=self._profiles_table))
+                conn.execute(_CREATE_PROFILES_INDEX.format(table=self._profiles_table))
         self._table_ready = True
+
+
+def _unnest_statement(
+    template: LiteralString, table: sql.Identifier, columns: Sequence[str]
+) -> sql.Composed:
+    """`template` with {table}, {columns} and {arrays}: one binary array parameter per column
+    (%b: no quoting or escaping of every element), cast to the column's type."""
+    return sql.SQL(template).format(
+        table=table,
+        columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        arrays=sql.SQL(", ").join(
+            sql.SQL("%b::{}[]").format(sql.SQL(_ARRAY_TYPES[c])) for c in columns
+        ),
+    )

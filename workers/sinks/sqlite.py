@@ -1,4 +1,4 @@
-"""The embedded default sink: an `events` table in a local SQLite file."""
+"""The embedded default sink: `events` and `profiles` tables in a local SQLite file."""
 
 from __future__ import annotations
 
@@ -6,19 +6,23 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.persons import merge_profiles
 from workers.sinks.base import (
     COLUMNS,
+    PROFILE_COLUMNS,
     SinkRejectedError,
     SinkUnavailableError,
     WriteResult,
     event_row,
+    profile_row,
 )
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from shared.event import Event
+    from shared.persons import Profile
 
 # stored_at has the same fixed-width shape as the other timestamps; SQLite's clock has
 # millisecond precision, so the last three digits are zeros.
@@ -39,12 +43,38 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (account, event_id)
 );
 CREATE INDEX IF NOT EXISTS events_account_occurred_at_idx ON events (account, occurred_at);
+CREATE TABLE IF NOT EXISTS profiles (
+    account TEXT NOT NULL,
+    identifier_type TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    person_id TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL,
+    PRIMARY KEY (account, identifier_type, identifier)
+);
+CREATE INDEX IF NOT EXISTS profiles_account_person_id_idx ON profiles (account, person_id);
 """
 
 # Only the constant COLUMNS are formatted in; the values travel as parameters.
 _INSERT = (
     f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"  # noqa: S608
     " ON CONFLICT (account, event_id) DO NOTHING"
+)
+
+# Attributes merge at the top level: the update's keys are first removed (json_patch with
+# nulls), then set; a null in the update (an unset) stays removed. Timestamps are
+# fixed-width text, so min/max compare them in time order.
+_UPSERT_PROFILES = (
+    f"INSERT INTO profiles ({', '.join(PROFILE_COLUMNS)})"  # noqa: S608 - constant columns
+    f" VALUES ({', '.join('?' * len(PROFILE_COLUMNS))})"
+    " ON CONFLICT (account, identifier_type, identifier) DO UPDATE SET"
+    " attributes = CASE WHEN excluded.attributes = '{}' THEN profiles.attributes"
+    " ELSE json_patch(json_patch(profiles.attributes,"
+    " (SELECT json_group_object(key, NULL) FROM json_each(excluded.attributes))),"
+    " excluded.attributes) END,"
+    " first_seen = min(profiles.first_seen, excluded.first_seen),"
+    " last_seen = max(profiles.last_seen, excluded.last_seen)"
 )
 
 
@@ -89,18 +119,35 @@ class SqliteSink:
         """
         if not events:
             return WriteResult(new=0, duplicate=0)
+        new = self._execute_many(_INSERT, map(event_row, events))
+        return WriteResult(new=new, duplicate=len(events) - new)
+
+    def upsert_profiles(self, profiles: Sequence[Profile]) -> int:
+        """Upsert one row per identifier in one transaction (see `Sink.upsert_profiles`).
+
+        Raises:
+            SinkUnavailableError: as `write_batch`.
+            SinkRejectedError: as `write_batch`.
+        """
+        if not profiles:
+            return 0
+        rows = [profile_row(p) for p in merge_profiles(profiles)]
+        self._execute_many(_UPSERT_PROFILES, rows)
+        return len(rows)
+
+    def _execute_many(self, statement: str, rows: Iterable[tuple[object, ...]]) -> int:
+        """Run `statement` for every row in one transaction; the rows it changed."""
         try:
             # The context manager commits, or rolls back on any error.
             with self._conn:
                 # IMMEDIATE takes the write lock up front, so waiting for it honours the
                 # busy timeout instead of failing at once on a read-to-write upgrade.
                 self._conn.execute("BEGIN IMMEDIATE")
-                new = self._conn.executemany(_INSERT, map(event_row, events)).rowcount
+                return self._conn.executemany(statement, rows).rowcount
         except sqlite3.OperationalError as exc:
             raise SinkUnavailableError(f"SQLite {self.path}: {exc}") from exc
         except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
             raise SinkRejectedError(f"SQLite {self.path} refused the batch: {exc}") from exc
-        return WriteResult(new=new, duplicate=len(events) - new)
 
     def close(self) -> None:
         self._conn.close()
