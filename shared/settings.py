@@ -53,6 +53,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Worker crash detection: a job whose worker sent no heartbeat for this long runs again.
     job_heartbeat_s: Annotated[int, msgspec.Meta(ge=2, le=600)] = 5
     job_timeout_s: Positive = 600
+    # Waiting jobs a worker takes along with each job, written in the same sink call: small
+    # jobs (one request each under light traffic) cost rq's per-job overhead only once.
+    worker_max_riders: Annotated[int, msgspec.Meta(ge=0, le=100)] = 9
     # Attempts of a failing batch (sink down, crash) before it is parked as failed.
     job_retries: Positive = 25
     # Embedded Redis durability: `always` loses no acknowledged event on a crash.

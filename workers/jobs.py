@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
 from rq import get_current_job
 
 from workers.processor import BatchProcessor, PoisonBatchError
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from workers.riders import Rider
+
 _processor: BatchProcessor | None = None
+
+
+class Ride:
+    """The riders going along with the job in hand, and those that could not be read."""
+
+    __slots__ = ("riders", "unreadable")
+
+    def __init__(self, riders: list[Rider]) -> None:
+        self.riders = riders
+        self.unreadable: list[Rider] = []
+
+
+_ride: Ride | None = None
 
 
 def install(processor: BatchProcessor | None) -> None:
@@ -15,16 +36,29 @@ def install(processor: BatchProcessor | None) -> None:
     _processor = processor
 
 
+@contextmanager
+def riding(riders: list[Rider]) -> Iterator[Ride]:
+    """Let the next job of this process take `riders` along (see workers.riders)."""
+    global _ride  # noqa: PLW0603 - rq runs the job in between; this is how it learns them
+    _ride = Ride(riders)
+    try:
+        yield _ride
+    finally:
+        _ride = None
+
+
 def process_batch(data: bytes) -> None:
     """Raises:
     RuntimeError: no processor installed (run jobs through `eventgate worker`).
     """
     if _processor is None:
         raise RuntimeError("no batch processor installed; run workers with `eventgate worker`")
+    ride = _ride or Ride([])
     try:
-        _processor.process(data)
+        unreadable = _processor.process([data, *(rider.data for rider in ride.riders)])
     except PoisonBatchError:
         job = get_current_job()
         if job is not None:
             job.retries_left = 0  # straight to the failed registry, no pointless retries
         raise
+    ride.unreadable = [ride.riders[index - 1] for index in unreadable]

@@ -67,6 +67,7 @@ def run_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> No
                     [queue],
                     connection=client,
                     heartbeat_s=settings.job_heartbeat_s,
+                    max_riders=settings.worker_max_riders,
                     stopping=stopping,
                 )
                 log.info("worker.started", name=worker.name, queue=settings.queue)

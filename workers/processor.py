@@ -14,6 +14,8 @@ from shared.formats import normalise, read_profiles
 from workers.profiles import ProfileRecorder
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import redis
 
     from shared.event import Event
@@ -36,18 +38,22 @@ class BatchProcessor:
         self._client = client
         self._profiles = ProfileRecorder(sink, client)
 
-    def process(self, data: bytes) -> None:
-        """Steps: decode the envelope; normalise every part into canonical events; write
+    def process(self, envelopes: Sequence[bytes]) -> list[int]:
+        """Write the events of a job's envelope and of the riders' after it, together.
+
+        Steps: decode every envelope and normalise its parts into canonical events; write
         each account's events to the sink in one call (its unique key makes a retried or
         resent event a duplicate, never a second row); upsert the persons the batch shows
         into the profiles (one more call); count new and duplicate events.
 
+        Returns the indexes of riders that cannot be read: left out, for their own job.
+
         Raises:
-            PoisonBatchError: the envelope or a body cannot be read; never retried.
+            PoisonBatchError: the job's own envelope cannot be read; never retried.
             SinkUnavailableError: the sink is down; rq retries the job with backoff.
         """
         started = time.perf_counter()
-        by_account, profile_updates = self._events_by_account(data)
+        by_account, profile_updates, unreadable = self._events_by_account(envelopes)
         totals = {"persisted": 0, "duplicate": 0, "profiles": 0}
         with self._client.pipeline(transaction=False) as pipe:
             for account, events in by_account.items():
@@ -64,19 +70,33 @@ class BatchProcessor:
             "batch.flushed",
             accounts=len(by_account),
             **totals,
+            envelopes=len(envelopes),
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        return unreadable
 
     @staticmethod
-    def _events_by_account(data: bytes) -> tuple[dict[str, list[Event]], list[Sighting]]:
-        """The batch's events by account, and its profile updates besides their identities."""
-        try:
-            batch = decode_batch(data)
-            by_account: dict[str, list[Event]] = {}
-            profile_updates: list[Sighting] = []
-            for part in batch.parts:
-                by_account.setdefault(part.account, []).extend(normalise(part))
-                profile_updates.extend(read_profiles(part))
-        except (EnvelopeError, msgspec.DecodeError, KeyError) as exc:
-            raise PoisonBatchError(f"unreadable batch: {exc}") from exc
-        return by_account, profile_updates
+    def _events_by_account(
+        envelopes: Sequence[bytes],
+    ) -> tuple[dict[str, list[Event]], list[Sighting], list[int]]:
+        """The events by account, the profile updates besides their identities, and the
+        indexes of the riders that cannot be read.
+
+        Raises:
+            PoisonBatchError: the first envelope (the job's own) cannot be read.
+        """
+        by_account: dict[str, list[Event]] = {}
+        profile_updates: list[Sighting] = []
+        unreadable: list[int] = []
+        for index, data in enumerate(envelopes):
+            try:
+                parts = [(p, normalise(p), read_profiles(p)) for p in decode_batch(data).parts]
+            except (EnvelopeError, msgspec.DecodeError, KeyError, RecursionError) as exc:
+                if index == 0:
+                    raise PoisonBatchError(f"unreadable batch: {exc}") from exc
+                unreadable.append(index)
+                continue
+            for part, events, updates in parts:
+                by_account.setdefault(part.account, []).extend(events)
+                profile_updates.extend(updates)
+        return by_account, profile_updates, unreadable

@@ -34,6 +34,8 @@ from rq.worker_registration import clean_worker_registry
 
 from shared.envelope import EnvelopeSerializer
 from shared.scripts import lua
+from workers import jobs
+from workers.riders import Rider, RiderClaims
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -48,6 +50,7 @@ class GatewayWorker(SimpleWorker):
         *,
         connection: redis.Redis,
         heartbeat_s: int,
+        max_riders: int = 0,
         stopping: threading.Event | None = None,
     ) -> None:
         super().__init__(
@@ -64,6 +67,7 @@ class GatewayWorker(SimpleWorker):
         # Shared with whoever runs this worker, so a stop outlives this rq loop.
         self.stopping = stopping or threading.Event()
         self._requeue_stranded = connection.register_script(lua("requeue_stranded"))
+        self.riders = RiderClaims(connection, max_riders)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM/SIGINT: finish the job in hand, then leave (rq's warm shutdown)."""
@@ -78,16 +82,26 @@ class GatewayWorker(SimpleWorker):
         if job.started_at is not None:
             self._forget_dead_executions(job)
         execution = self.prepare_execution(job)
+        riders = self.riders.claim(queue)
         stop = threading.Event()
         beat = threading.Thread(
-            target=self._beat, args=(job, execution, stop), name="heartbeat", daemon=True
+            target=self._beat,
+            args=(job, execution, queue, riders, stop),
+            name="heartbeat",
+            daemon=True,
         )
         beat.start()
         try:
-            self.perform_job(job, queue, execution)
+            with jobs.riding(riders) as ride:
+                succeeded = self.perform_job(job, queue, execution)
         finally:
             stop.set()
             beat.join()
+        if succeeded:
+            self.riders.finish(queue, [r for r in riders if r not in ride.unreadable])
+            self.riders.release(queue, ride.unreadable)
+        else:
+            self.riders.release(queue, riders)
         self.set_state(WorkerStatus.IDLE)
 
     def _forget_dead_executions(self, job: Job) -> None:
@@ -103,10 +117,18 @@ class GatewayWorker(SimpleWorker):
         if gone:
             self.connection.zrem(registry.key, *gone)
 
-    def _beat(self, job: Job, execution: Execution, stop: threading.Event) -> None:
+    def _beat(
+        self,
+        job: Job,
+        execution: Execution,
+        queue: Queue,
+        riders: list[Rider],
+        stop: threading.Event,
+    ) -> None:
         while not stop.wait(self.heartbeat_s / 3):
             try:
                 self.maintain_heartbeats(job, execution)
+                self.riders.keep_alive(queue, riders)
             except redis.exceptions.RedisError as exc:
                 log.warning("worker.heartbeat_failed", error=str(exc))
 

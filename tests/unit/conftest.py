@@ -78,12 +78,14 @@ def sink_path(tmp_path: Path) -> Path:
 def run_worker(sync_redis, sink_path, settings: Settings):  # type: ignore[no-untyped-def]
     """Run a burst worker over the queue: every job, then return."""
 
-    def run() -> None:
+    def run(max_riders: int = settings.worker_max_riders) -> None:
         sink = open_sink(f"sqlite:///{sink_path}")
         worker_jobs.install(BatchProcessor(sink, sync_redis))
         try:
             queue = Queue(settings.queue, connection=sync_redis, serializer=EnvelopeSerializer)
-            worker = GatewayWorker([queue], connection=sync_redis, heartbeat_s=2)
+            worker = GatewayWorker(
+                [queue], connection=sync_redis, heartbeat_s=2, max_riders=max_riders
+            )
             worker.work(burst=True, logging_level="WARNING")
         finally:
             worker_jobs.install(None)

@@ -7,11 +7,16 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 import msgspec
+from rq import Queue
 from rq.registry import FailedJobRegistry
 
 from shared import jobs
-from shared.envelope import Batch, Part, encode_batch
+from shared.envelope import Batch, EnvelopeSerializer, Part, encode_batch
 from shared.settings import Settings
+from workers import jobs as worker_jobs
+from workers.processor import BatchProcessor
+from workers.sinks.sqlite import SqliteSink
+from workers.worker import GatewayWorker
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -94,3 +99,71 @@ def test_unknown_dialect_is_poison(sync_redis, run_worker, settings):
     sync_redis.rpush(jobs.queue_key(settings.queue), "m")
     run_worker()
     assert FailedJobRegistry(settings.queue, connection=sync_redis).get_job_ids() == ["m"]
+
+
+def queue_native(sync_redis, settings, job_id: str, ids: list[str]) -> None:
+    """Put one job of native events on the queue, as the front door would."""
+    body = msgspec.json.encode([{"name": "e", "id": i} for i in ids])
+    part = Part(
+        account="acme",
+        dialect="native",
+        request_id=job_id,
+        received_ns=0,
+        count=len(ids),
+        body=body,
+    )
+    data = encode_batch(Batch(parts=[part]))
+    sync_redis.hset(
+        jobs.job_key(job_id), mapping=jobs.job_fields(jobs.job_template(settings), data, len(ids))
+    )
+    sync_redis.rpush(jobs.queue_key(settings.queue), job_id)
+
+
+def test_waiting_jobs_ride_along_and_are_written_together(
+    sync_redis, run_worker, sink_path, settings
+):
+    """Riders' events land once, their jobs are gone, and nothing stays in the lists."""
+    for n in range(5):
+        queue_native(sync_redis, settings, f"job{n}", [f"{n}-{i}" for i in range(3)])
+    run_worker(max_riders=9)
+    assert len(rows(sink_path)) == 15
+    assert sync_redis.llen(jobs.queue_key(settings.queue)) == 0
+    assert sync_redis.llen(f"{jobs.queue_key(settings.queue)}:intermediate") == 0
+    assert sync_redis.keys("rq:job:*") == []
+    counts = sync_redis.hgetall("eg:count:{acme}")
+    assert counts[b"persisted"] == b"15"
+
+
+def test_an_unreadable_rider_is_left_to_fail_alone(sync_redis, run_worker, sink_path, settings):
+    """A corrupt job taken as a rider neither spoils the others nor gets lost: it goes back
+    to the queue, runs on its own and is parked as failed."""
+    queue_native(sync_redis, settings, "good1", ["a"])
+    sync_redis.hset(
+        jobs.job_key("bad"), mapping=jobs.job_fields(jobs.job_template(settings), b"garbage", 1)
+    )
+    sync_redis.rpush(jobs.queue_key(settings.queue), "bad")
+    queue_native(sync_redis, settings, "good2", ["b"])
+    run_worker(max_riders=9)
+    assert sorted(r[1] for r in rows(sink_path)) == ["a", "b"]
+    assert FailedJobRegistry(settings.queue, connection=sync_redis).get_job_ids() == ["bad"]
+
+
+def test_riders_go_back_to_the_queue_when_the_sink_fails(sync_redis, settings, sink_path):
+    """A sink that refuses the write leaves every rider queued, at the head, to run again."""
+    for n in range(3):
+        queue_native(sync_redis, settings, f"job{n}", [f"{n}"])
+    SqliteSink(sink_path).close()  # the table exists before the lock is taken
+    locker = sqlite3.connect(sink_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # the sink's write times out: SinkUnavailableError
+    worker_jobs.install(BatchProcessor(SqliteSink(sink_path, busy_timeout_ms=50), sync_redis))
+    try:
+        queue = Queue(settings.queue, connection=sync_redis, serializer=EnvelopeSerializer)
+        worker = GatewayWorker([queue], connection=sync_redis, heartbeat_s=2, max_riders=9)
+        worker.work(burst=True, max_jobs=1, logging_level="WARNING")
+    finally:
+        worker_jobs.install(None)
+        locker.execute("ROLLBACK")
+        locker.close()
+    # job0 was the job (now scheduled for a retry); its riders are back, in order.
+    assert sync_redis.lrange(jobs.queue_key(settings.queue), 0, -1) == [b"job1", b"job2"]
+    assert sync_redis.llen(f"{jobs.queue_key(settings.queue)}:intermediate") == 0
