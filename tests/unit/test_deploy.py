@@ -35,7 +35,7 @@ from rq import Queue
 
 from ingest.server import SHUTDOWN_TIMEOUT_S
 from shared.envelope import EnvelopeSerializer
-from shared.jobs import queue_key
+from shared.jobs import queue_key, shard_queues
 from shared.settings import Settings, load_settings
 from workers.worker import GatewayWorker
 
@@ -563,14 +563,16 @@ def check_keda(docs: list[dict[str, Any]]) -> None:
     # Workers run rq's maintenance (due retries, crashed workers' jobs): never scale to 0.
     assert spec.get("minReplicaCount", 0) >= 1
     assert spec["minReplicaCount"] <= spec["maxReplicaCount"]
-    trigger = spec["triggers"][0]
-    assert trigger["type"] == "redis"
-    metadata = trigger["metadata"]
-    assert set(metadata) <= REDIS_SCALER_METADATA
     settings = base_settings(base_docs())
-    assert metadata["listName"] == queue_key(settings.queue)
-    assert int(metadata["listLength"]) > 0
-    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    # One trigger per shard queue, so a backlog in any shard adds workers.
+    lists = [t["metadata"]["listName"] for t in spec["triggers"]]
+    assert lists == [queue_key(name) for name in shard_queues(settings)]
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "redis"
+        assert set(trigger["metadata"]) <= REDIS_SCALER_METADATA
+        assert int(trigger["metadata"]["listLength"]) > 0
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    metadata = spec["triggers"][0]["metadata"]
     params = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
     assert set(params) <= REDIS_SCALER_AUTH
     assert "address" in params or {"address", "addressFromEnv", "host"} & set(metadata)
