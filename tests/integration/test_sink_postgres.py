@@ -20,7 +20,9 @@ from workers.sinks import (
     SinkRejectedError,
     SinkUnavailableError,
     WriteResult,
+    pg_bench,
 )
+from workers.sinks.pg_schema import LATEST, MIGRATIONS
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +168,8 @@ def test_sinks_creating_the_table_at_once(schema, event_factory, admin):
 
 @pytest.mark.usefixtures("sink")
 def test_existing_table_needs_no_create_privilege(schema, admin, event_factory):
-    """A worker role with only INSERT/SELECT on an existing table can open the sink."""
+    """A worker role with only INSERT/SELECT on an existing, migrated table (and SELECT on
+    schema_migrations) can open the sink."""
     role = f"writer_{secrets.token_hex(4)}"
     admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
     try:
@@ -178,6 +181,11 @@ def test_existing_table_needs_no_create_privilege(schema, admin, event_factory):
         admin.execute(
             sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(
                 sql.Identifier(schema, "events"), sql.Identifier(role)
+            )
+        )
+        admin.execute(
+            sql.SQL("GRANT SELECT ON {} TO {}").format(
+                sql.Identifier(schema, "schema_migrations"), sql.Identifier(role)
             )
         )
         dsn = psycopg.conninfo.make_conninfo(DSN, user=role)
@@ -259,3 +267,74 @@ def test_closed_sink_refuses_writes(sink, event_factory):
     sink.close()
     with pytest.raises(SinkError, match="closed"):
         sink.write_batch([event_factory()])
+
+
+@pytest.mark.usefixtures("sink")
+def test_the_schema_version_is_recorded_once(schema, admin):
+    """Migrations run once: opening the sink again changes nothing."""
+    PostgresSink(DSN, schema=schema).close()
+    versions = admin.execute(
+        sql.SQL("SELECT version, name FROM {}").format(sql.Identifier(schema, "schema_migrations"))
+    ).fetchall()
+    assert versions == [(LATEST, MIGRATIONS[-1].name)]
+
+
+def test_tables_made_before_migrations_are_adopted(schema, admin, event_factory):
+    """A database written by a version without schema_migrations keeps its rows and is
+    recorded at version 1 (its tables are version 1's)."""
+    events = sql.Identifier(schema, "events")
+    admin.execute(MIGRATIONS[0].statements[0].format(events=events))
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {} (account, event_id, name, occurred_at, received_at, source,"
+            " identity, properties, items) VALUES ('acme', 'old', 'n', now(), now(), 'native',"
+            " '{{}}', '{{}}', '[]')"
+        ).format(events)
+    )
+    sink = PostgresSink(DSN, schema=schema)
+    try:
+        old = msgspec.structs.replace(event_factory(), event_id="old")
+        assert sink.write_batch([old, event_factory()]) == WriteResult(new=1, duplicate=1)
+    finally:
+        sink.close()
+    version = admin.execute(
+        sql.SQL("SELECT max(version) FROM {}").format(sql.Identifier(schema, "schema_migrations"))
+    ).fetchone()
+    assert version == (LATEST,)
+
+
+def test_a_role_that_may_not_migrate_is_told_so(schema, admin):
+    """A fresh schema and a worker role without CREATE: a ConfigError naming the fix, not a
+    crash loop of permission errors."""
+    role = f"reader_{secrets.token_hex(4)}"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        admin.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                sql.Identifier(schema), sql.Identifier(role)
+            )
+        )
+        with pytest.raises(ConfigError, match="owner"):
+            PostgresSink(psycopg.conninfo.make_conninfo(DSN, user=role), schema=schema)
+    finally:
+        admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_new_and_duplicate_in_one_round_trip_across_accounts(sink, event_factory):
+    """COPY + INSERT ... ON CONFLICT ... RETURNING: a batch mixing accounts, repeats and
+    rows already stored counts each right."""
+    stored = event_factory()
+    sink.write_batch([stored])
+    other = msgspec.structs.replace(stored, account="globex")
+    fresh = event_factory()
+    result = sink.write_batch([stored, other, fresh, fresh, other])
+    assert result == WriteResult(new=2, duplicate=3)
+
+
+@pytest.mark.usefixtures("admin")
+def test_the_rows_per_second_bench_runs():
+    """`python -m workers.sinks.pg_bench`: the three ways, each batch size, schemas dropped."""
+    figures = pg_bench.run(DSN, events=200, sizes=(100,), repeats=1)
+    assert set(figures) == {"sink/100", "copy/100", "unnest/100"}
+    assert all(rate > 0 for rate in figures.values())

@@ -216,7 +216,9 @@ def test_open_sink_default_settings_url(tmp_path):
         "sqlite:events.db",
         "mysql://user@host/db",
         "postgresql:/no-slashes",
-        "http://collector.example.com",
+        "ftp://collector.example.com",
+        "jsonl:///",
+        "jsonl://relative.jsonl",
     ],
 )
 def test_open_sink_rejects_other_urls(url):
@@ -235,7 +237,7 @@ def test_open_sink_error_does_not_echo_a_password():
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
 def test_open_sink_postgres_schemes(scheme, monkeypatch):
     opened = []
-    monkeypatch.setattr(PostgresSink, "__init__", lambda _self, dsn: opened.append(dsn))
+    monkeypatch.setattr(PostgresSink, "__init__", lambda _self, dsn, **_: opened.append(dsn))
     sink = open_sink(f"{scheme}://user@db.internal:5432/events")
     assert isinstance(sink, PostgresSink)
     assert opened == [f"{scheme}://user@db.internal:5432/events"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+import hashlib
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -28,20 +29,45 @@ class SinkError(Exception):
 
 
 class SinkUnavailableError(SinkError):
-    """Transient: the sink is down, busy or too slow; the same batch may succeed later."""
+    """Transient: the sink is down, busy or too slow; the same batch may succeed later.
+
+    `retry_after` is how long the sink asked us to wait (an HTTP Retry-After), if it did.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SinkRejectedError(SinkError):
-    """Permanent: the sink refuses this data; retrying the same batch cannot succeed."""
+    """Permanent: the sink refuses this data; retrying the same batch cannot succeed, but a
+    part of it may (the worker bisects the batch to find the events refused)."""
+
+
+class SinkRefusedError(SinkError):
+    """Permanent: the sink refuses every batch (bad credentials, wrong URL), whatever the
+    events; bisecting cannot help, so the batch is dead-lettered whole."""
 
 
 class Sink(Protocol):
+    # What the worker's delivery needs to know of a sink (see workers/delivery.py):
+    # `name` identifies it in progress markers and dead letters: stable across restarts,
+    # never a password. `keyed`: a unique key on (account, event_id) makes a repeated write
+    # harmless (SQL); otherwise Redis markers guard it (forward, files). `keeps_profiles`:
+    # it has a `profiles` table. `max_events`: events per write, None for any number.
+    name: str
+    keyed: bool
+    keeps_profiles: bool
+    max_events: int | None
+
     def write_batch(self, events: Sequence[Event]) -> WriteResult:
-        """Store the events at most once per (account, event_id), all or none.
+        """Store the events, all or none: a keyed sink at most once per (account, event_id);
+        another as a batch (the worker's markers keep it from being sent twice).
 
         Raises:
             SinkUnavailableError: nothing was stored; try again later.
             SinkRejectedError: nothing was stored; the data itself is refused.
+            SinkRefusedError: nothing was stored; the sink refuses any batch.
         """
 
     def upsert_profiles(self, profiles: Sequence[Profile]) -> int:
@@ -129,3 +155,46 @@ def profile_row(profile: Profile) -> ProfileRow:
         timestamp(profile.first_seen),
         timestamp(profile.last_seen),
     )
+
+
+class EventRecord(msgspec.Struct, frozen=True, gc=False):
+    """The event as forward and file sinks write it: the `events` columns, by name, with
+    `timestamp` strings, so every sink shows the same values."""
+
+    account: str
+    event_id: str
+    name: str
+    occurred_at: str
+    received_at: str
+    source: str
+    identity: dict[str, str]
+    properties: dict[str, Any]
+    items: list[dict[str, Any]]
+    value: float | None
+    currency: str | None
+
+
+def event_record(event: Event) -> EventRecord:
+    return EventRecord(
+        event.account,
+        event.event_id,
+        event.name,
+        timestamp(event.occurred_at),
+        timestamp(event.received_at),
+        event.source,
+        event.identity,
+        event.properties,
+        event.items,
+        None if event.value is None else float(event.value),
+        event.currency,
+    )
+
+
+def batch_key(events: Sequence[Event]) -> str:
+    """A batch's idempotency key: the same events, in the same order, make the same key, so
+    a batch sent again after a timeout or a crash is recognised by the receiver.
+
+    Length-prefixed (msgpack), so no choice of accounts and ids makes two batches collide.
+    """
+    pairs = [[e.account, e.event_id] for e in events]
+    return "eg-" + hashlib.sha256(msgspec.msgpack.encode(pairs)).hexdigest()[:40]

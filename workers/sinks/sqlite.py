@@ -81,6 +81,10 @@ _UPSERT_PROFILES = (
 class SqliteSink:
     """One connection in WAL mode; every batch is one fsynced transaction."""
 
+    keyed = True
+    keeps_profiles = True
+    max_events: int | None = None
+
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
         """Open (creating the file, its directories and the table) the database at `path`.
 
@@ -90,6 +94,7 @@ class SqliteSink:
             SinkUnavailableError: the directory or file cannot be created or opened.
         """
         self.path = Path(path)
+        self.name = f"sqlite:///{self.path}"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: transactions are begun explicitly, as BEGIN IMMEDIATE.
