@@ -60,6 +60,12 @@ class AccountCache:
         self._ttl_s = ttl_s
         self._entries: dict[str, tuple[float, AccountView | None]] = {}
 
+    def cached_shard(self, name: str) -> int | None:
+        """The account's own shard setting as last read (no I/O: the flusher calls it)."""
+        cached = self._entries.get(name)
+        view = cached[1] if cached else None
+        return view.account.shard if view else None
+
     async def view(self, name: str) -> AccountView | None:
         """None if there is no such account.
 

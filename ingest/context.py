@@ -37,5 +37,8 @@ def begin_request(request: web.Request) -> tuple[Gateway, str, int]:
     request_id = new_event_id()
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id, route=request.path)
+    # The route's pattern, never the path: a path can hold a person's email or phone.
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "?"
+    structlog.contextvars.bind_contextvars(request_id=request_id, route=route)
     return request.app[GATEWAY], request_id, time.time_ns()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
@@ -14,7 +15,9 @@ from shared import jobs, keys
 from shared.envelope import Batch, Part
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable
+
+    from ingest.metrics import FrontDoorMetrics
 
 log = structlog.get_logger("ingest.enqueue")
 
@@ -43,16 +46,17 @@ class Enqueuer:
         self,
         client: aioredis.Redis,
         *,
-        queue: str,
-        job_template: Mapping[str, str | bytes | int],
+        queues: jobs.ShardQueues,
         job_max_events: int,
         timeout_s: float,
+        shard_override: Callable[[str], int | None] = lambda _account: None,
     ) -> None:
         self._client = client
-        self._queue = queue
-        self._template = job_template
+        self._queues = queues
+        self._shard_override = shard_override
         self._job_max_events = job_max_events
         self._timeout_s = timeout_s
+        self.metrics: FrontDoorMetrics | None = None  # set by make_app
         self._waiting: list[_Waiting] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -77,6 +81,7 @@ class Enqueuer:
         Raises:
             ServiceUnavailableError: Redis failed or did not answer in time.
         """
+        started = time.perf_counter()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(part, done))
         self._wake.set()
@@ -86,6 +91,8 @@ class Enqueuer:
             raise ServiceUnavailableError(
                 "the queue did not answer in time; retry later", headers=_RETRY_AFTER
             ) from None
+        if self.metrics is not None:
+            self.metrics.enqueue.observe(time.perf_counter() - started)
 
     async def _run(self) -> None:
         while True:
@@ -101,8 +108,10 @@ class Enqueuer:
         try:
             # Pipeline methods only queue commands (redis-py types them as awaitables).
             async with self._client.pipeline(transaction=True) as pipe:
-                jobs.queue_batches(pipe, self._queue, self._template, self._pack(waiting))
-                for account, count in _accepted_by_account(waiting).items():
+                for queue, items in self._by_queue(waiting).items():
+                    self._queues.add_jobs(pipe, queue, self._pack(items))
+                accepted = _accepted_by_account(waiting)
+                for account, count in accepted.items():
                     _ = pipe.hincrby(keys.counters(account), "accepted", count)
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -117,9 +126,20 @@ class Enqueuer:
                     item.done.exception()
             return
         self.flushes += 1
+        if self.metrics is not None:
+            self.metrics.count_flush(accepted, len(waiting))
         for item in waiting:
             if not item.done.done():
                 item.done.set_result(None)
+
+    def _by_queue(self, waiting: list[_Waiting]) -> dict[str, list[_Waiting]]:
+        """Each account's parts go to its shard queue, in arrival order."""
+        by_queue: dict[str, list[_Waiting]] = {}
+        for item in waiting:
+            account = item.part.account
+            queue = self._queues.queue_for(account, self._shard_override(account))
+            by_queue.setdefault(queue, []).append(item)
+        return by_queue
 
     def _pack(self, waiting: list[_Waiting]) -> list[Batch]:
         """Parts in arrival order, cut into jobs of about `job_max_events` events."""

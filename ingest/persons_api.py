@@ -13,9 +13,11 @@ import redis.exceptions
 import structlog
 from aiohttp import web
 
+from ingest.admission import check_backpressure
 from ingest.body import read_body
 from ingest.context import begin_request
 from ingest.dialects.native import bearer
+from ingest.event_checks import EventChecks
 from ingest.problems import GatewayError, MalformedBodyError, ServiceUnavailableError
 from ingest.validation import field_error, malformed_json
 from shared.envelope import Part
@@ -59,8 +61,12 @@ async def post_person(request: web.Request) -> web.Response:
     gateway, request_id, received_ns = begin_request(request)
     key = await gateway.keys.authenticate(bearer(request), allow=ALLOWED_KEYS)
     structlog.contextvars.bind_contextvars(account=key.account)
+    check_backpressure(request)  # it queues profile rows: 503 while the queues are full
     body = await read_body(request, gateway.body_limits)
     person = _decode(body)
+    too_big = EventChecks.now(gateway.settings).properties(person.attributes, "attributes")
+    if too_big is not None:
+        raise InvalidPersonError(f"{too_big.field}: {too_big.message}")
     try:
         created = await index_person(gateway.redis, key.account, person.id, person.identity())
     except PersonConflictError as exc:

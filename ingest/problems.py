@@ -9,6 +9,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from shared.logging import redact_text
+
 log = structlog.get_logger("ingest")
 
 
@@ -30,6 +32,9 @@ class GatewayError(Exception):
     status = 500
     title = "Internal error"
     code = "internal"
+    # Whether the connection is closed after the answer: the client is misbehaving, or the
+    # rest of its body is not read.
+    closes_connection = False
 
     def __init__(
         self,
@@ -84,6 +89,40 @@ class BadParameterError(GatewayError):
 
 class ServiceUnavailableError(GatewayError):
     status, title, code = 503, "Queue unavailable; retry later", "unavailable"
+
+
+class RequestTimeoutError(GatewayError):
+    """The body did not arrive in time: a slow client does not hold the front door."""
+
+    status, title, code = 408, "Request body too slow", "timeout"
+    closes_connection = True
+
+
+class ClientGoneError(GatewayError):
+    """The client went away mid-request: nothing to answer, and no crash either. 499 is
+    the status proxies log for it (nginx's "client closed request")."""
+
+    status, title, code = 499, "Client closed the connection", "client_gone"
+    closes_connection = True
+
+
+class TooManyConnectionsError(GatewayError):
+    """This client address holds more connections than allowed (ingest.connections)."""
+
+    status, title, code = 429, "Too many connections from this address", "too_many_connections"
+    closes_connection = True
+
+
+class RateLimitedError(GatewayError):
+    """Over a request rate limit: nothing was read or queued; `Retry-After` says when."""
+
+    status, title, code = 429, "Too many requests", "rate_limited"
+
+
+class BacklogFullError(ServiceUnavailableError):
+    """Backpressure: the queues or Redis memory are past their high-water mark."""
+
+    title, code = "Queue backlog full; retry later", "unavailable"
 
 
 # A dialect's way of writing an error: (error, request id) -> response.
@@ -146,7 +185,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         log.exception("request.crashed")
         error = GatewayError("unexpected error; it has been logged")
     response = _render(request, error)
-    if error.status in (413, 503):
+    if error.status in (413, 503) or error.closes_connection:
         # Whatever the client still sends is not read; don't reuse a connection mid-body.
         response.force_close()
     return response
@@ -156,9 +195,24 @@ def _render(request: web.Request, error: GatewayError) -> web.Response:
     # "catalog" and "catalog:slash" (the same path with a trailing slash) share a renderer.
     route = (request.match_info.route.name or "").partition(":")[0]
     renderer = request.app[ERROR_RENDERERS].get(route, render_problem)
-    response = renderer(error, _request_id(request))
+    response = renderer(_without_secrets(error), _request_id(request))
     response.headers.update(error.headers)
     return response
+
+
+def _without_secrets(error: GatewayError) -> GatewayError:
+    """Errors quote what the client sent (a parameter, a name, msgspec's "Invalid enum value
+    'x'"): mask keys and hash emails and phone numbers there, as in the logs, so that an
+    answer cached or logged by a proxy carries none."""
+    error.detail = redact_text(error.detail)
+    error.events = [
+        EventErrors(
+            index=event.index,
+            errors=[FieldError(redact_text(f.field), redact_text(f.message)) for f in event.errors],
+        )
+        for event in error.events
+    ]
+    return error
 
 
 def _request_id(request: web.Request) -> str:

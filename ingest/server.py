@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from ingest.app import make_app
+from ingest.connections import CONNECTIONS
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -44,8 +45,11 @@ def make_runner(app: web.Application) -> web.AppRunner:
 async def serve(settings: Settings, redis_url: str) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight requests finish and flush."""
     client = redis_client(settings, redis_url)
-    runner = make_runner(make_app(settings, client))
+    app = make_app(settings, client)
+    runner = make_runner(app)
     await runner.setup()
+    if runner.server is not None:  # set by setup()
+        app[CONNECTIONS].attach(runner.server)
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     host, port = runner.addresses[0][:2]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import msgspec
@@ -39,10 +38,15 @@ def malformed_json(body: bytes, exc: msgspec.DecodeError | RecursionError) -> Ma
         pos = min(int(match.group(1)), len(body))
     else:
         return MalformedBodyError(f"invalid JSON: {message}")
+    reason = _BYTE.sub("", message)
+    return MalformedBodyError(f"invalid JSON at {line_column(body, pos)}: {reason}")
+
+
+def line_column(body: bytes, pos: int) -> str:
+    """`line L, column C` of the byte at `pos`: what people read, not byte offsets."""
     line = body.count(b"\n", 0, pos) + 1
     column = pos - (body.rfind(b"\n", 0, pos) + 1) + 1
-    reason = _BYTE.sub("", message)
-    return MalformedBodyError(f"invalid JSON at line {line}, column {column}: {reason}")
+    return f"line {line}, column {column}"
 
 
 def field_error(exc: msgspec.ValidationError) -> tuple[int | None, FieldError]:
@@ -108,23 +112,6 @@ def check_count(count: int, max_events: int) -> None:
         raise TooManyEventsError(f"{count} events; at most {max_events} per request")
     if count == 0:
         raise MalformedBodyError("empty array; send at least one event")
-
-
-def future_limit(max_future_s: int) -> datetime:
-    return datetime.now(UTC) + timedelta(seconds=max_future_s)
-
-
-def check_timestamp(ts: datetime | None, limit: datetime) -> FieldError | None:
-    """Refuse timestamps absurdly far ahead (clock bugs, milliseconds sent as seconds)."""
-    if ts is None:
-        return None
-    aware = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-    if aware > limit:
-        return FieldError(
-            field="timestamp",
-            message=f"{ts.isoformat()} is after {limit:%Y-%m-%dT%H:%M:%SZ}: too far in the future",
-        )
-    return None
 
 
 def summarise(errors: list[EventErrors]) -> str:

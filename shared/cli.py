@@ -20,14 +20,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared import accounts, definitions
+from shared import accounts, definitions, stats
 from shared.bench.command import bench as bench_command
+from shared.dlq_command import dlq_app
 from shared.formats.person import PersonIn, create_person
+from shared.limits import set_key_limit
 from shared.load.command import load as load_command
 from shared.logging import configure_logging
 from shared.persons import PersonError
 from shared.redis_server import redis_url_for
 from shared.settings import Settings, settings_or_exit
+from shared.stats_view import accounts_table, queues_table
 from shared.supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
@@ -49,6 +52,7 @@ app.add_typer(persons_app, name="persons")
 # The load generator and the benchmark live in their own packages.
 app.command("load")(load_command)
 app.command("bench")(bench_command)
+app.add_typer(dlq_app, name="dlq")  # dead letters: shared/dlq_command.py
 
 out = Console()
 err = Console(stderr=True)
@@ -213,18 +217,32 @@ def accounts_create(name: str) -> None:
 
 @accounts_app.command("list")
 def accounts_list() -> None:
-    """List accounts."""
+    """List accounts and their settings ("-": the default)."""
     found = _run(_settings(), accounts.list_accounts)
-    table = Table("account", "created", "accepts unregistered events")
+    table = Table(
+        "account",
+        "created",
+        "accepts unregistered events",
+        "rate (req/s, each API)",
+        "burst",
+        "process rate (events/s)",
+        "shard",
+    )
     for account in found:
         table.add_row(
-            account.name, f"{account.created_at:%Y-%m-%d %H:%M}", str(account.accept_unregistered)
+            account.name,
+            f"{account.created_at:%Y-%m-%d %H:%M}",
+            str(account.accept_unregistered),
+            *(
+                "-" if value is None else f"{value:g}"
+                for value in (account.rate, account.burst, account.process_rate, account.shard)
+            ),
         )
     out.print(table)
 
 
 @accounts_app.command("set")
-def accounts_set(
+def accounts_set(  # noqa: PLR0913 - one keyword option per setting
     name: str,
     *,
     accept_unregistered: Annotated[
@@ -235,18 +253,60 @@ def accounts_set(
             " accepts them).",
         ),
     ] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option(
+            help="Requests/s on each API; 0: no limit; 'default': the API's (people 250,"
+            " bulk 2.5, others EVENTGATE_REQUEST_RATE)."
+        ),
+    ] = None,
+    burst: Annotated[
+        str | None,
+        typer.Option(help="Requests at once; 'default': the API's, or one second's worth."),
+    ] = None,
+    process_rate: Annotated[
+        str | None,
+        typer.Option(
+            help="Events/s workers write (more is deferred); 0: no limit; 'default':"
+            " EVENTGATE_PROCESS_RATE."
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="The shard queue of its events; 'default': by a hash of its name."),
+    ] = None,
 ) -> None:
-    """Change an account's settings; front doors use them within EVENTGATE_KEY_CACHE_S."""
+    """Change an account's settings; every process uses them within EVENTGATE_KEY_CACHE_S."""
+    given = {"rate": rate, "burst": burst, "process_rate": process_rate, "shard": shard}
+    changes = {name: _setting(name, text) for name, text in given.items() if text is not None}
     updated = _run(
         _settings(),
         lambda client: accounts.update_account(
-            client, name, accept_unregistered=accept_unregistered
+            client, name, accept_unregistered=accept_unregistered, changes=changes
         ),
     )
     out.print(
         f"account [bold]{updated.name}[/]: accepts unregistered events:"
-        f" {updated.accept_unregistered}"
+        f" {updated.accept_unregistered}; rate {_or_default(updated.rate)}, burst"
+        f" {_or_default(updated.burst)}, process rate {_or_default(updated.process_rate)},"
+        f" shard {_or_default(updated.shard)}"
     )
+
+
+def _setting(name: str, text: str) -> float | int | None:
+    """A number from the command line, or None for 'default' (back to the default)."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return int(text) if name in ("burst", "shard") else float(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a number (or 'default')", param_hint=name
+        ) from None
+
+
+def _or_default(value: float | None) -> str:
+    return "default" if value is None else f"{value:g}"
 
 
 @keys_app.command("create")
@@ -256,12 +316,65 @@ def keys_create(
     public: Annotated[
         bool, typer.Option("--public", help="A browser-side key: can only write events.")
     ] = False,
+    operator: Annotated[
+        bool,
+        typer.Option(
+            "--operator", help="A private key that also sees every account's figures (/v1/stats)."
+        ),
+    ] = False,
 ) -> None:
     """Create an API key. It is printed once, alone on the last line: only its hash is kept."""
     kind: accounts.KeyKind = "public" if public else "private"
-    key = _run(_settings(), lambda client: accounts.create_key(client, account, kind))
-    err.print(f"{kind} key for account {account} (shown once, store it now):")
+    key = _run(
+        _settings(),
+        lambda client: accounts.create_key(client, account, kind, operator=operator),
+    )
+    role = "operator" if operator else kind
+    err.print(f"{role} key for account {account} (shown once, store it now):")
     sys.stdout.write(key + "\n")
+
+
+@keys_app.command("set")
+def keys_set(
+    key: Annotated[str, typer.Argument(help="The key, or its id.")],
+    *,
+    rate: Annotated[
+        str,
+        typer.Option(help="Requests/s for this key, besides its account's; 'default': none."),
+    ],
+    burst: Annotated[
+        str | None, typer.Option(help="Requests at once; default: one second's worth.")
+    ] = None,
+) -> None:
+    """Give a key a (lower) request limit of its own; front doors use it within
+    EVENTGATE_KEY_CACHE_S."""
+    new_rate, new_burst = _setting("rate", rate), _setting("burst", burst or "default")
+    record = _run(
+        _settings(),
+        lambda client: set_key_limit(
+            client, key, rate=new_rate, burst=None if new_burst is None else int(new_burst)
+        ),
+    )
+    out.print(
+        f"key {record.key_id} of account {record.account}: rate {_or_default(record.rate)},"
+        f" burst {_or_default(record.burst)}"
+    )
+
+
+@app.command("stats")
+def stats_command(
+    *, as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False
+) -> None:
+    """Queues (waiting jobs, oldest job age) and per account accepted, persisted, duplicate,
+    deferred and rate-limited counts, from Redis (every front door and worker adds to them)."""
+    settings = _settings()
+    figures, gateway = _run(settings, lambda client: stats.read_all(client, settings.queue))
+    if as_json:
+        sys.stdout.write(msgspec.json.encode({"accounts": figures, "gateway": gateway}).decode())
+        sys.stdout.write("\n")
+        return
+    out.print(queues_table(gateway))
+    out.print(accounts_table(figures))
 
 
 @keys_app.command("revoke")

@@ -78,7 +78,10 @@ def _struct_type(name: str, properties: Mapping[str, PropertySpec]) -> type[msgs
         else:
             fields.append((f"p{number}", kind | None, msgspec.field(default=None, name=prop)))
     # Unknown properties are allowed (and kept by the caller, who validates, not converts).
-    return msgspec.defstruct(name or "properties", fields, kw_only=True)
+    try:
+        return msgspec.defstruct(name or "properties", fields, kw_only=True)
+    except ValueError as exc:  # a property name msgspec cannot rename to: `"`, `\`, controls
+        raise DefinitionError(f"{name or 'properties'}: {exc}") from None
 
 
 class CompiledDefinition:
@@ -101,7 +104,7 @@ class CompiledDefinition:
 
 def compile_definitions(definitions: Iterable[Definition]) -> dict[str, CompiledDefinition]:
     """Raises:
-    DefinitionError: a name used twice.
+    DefinitionError: a name used twice, or a property name msgspec cannot take.
     """
     compiled: dict[str, CompiledDefinition] = {}
     for definition in definitions:

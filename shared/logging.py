@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from shared.settings import Settings
 
-__all__ = ["configure_logging", "get_logger", "mask_identity", "redact"]
+__all__ = ["configure_logging", "get_logger", "mask_identity", "redact", "redact_text"]
 
 _LEVELS: Final = {
     "debug": stdlib_logging.DEBUG,
@@ -275,6 +275,12 @@ def redact(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> 
         elif type(value) not in _PLAIN_TYPES and key not in _META_KEYS:
             event_dict[key] = _redact_value(value, 0)
     return event_dict
+
+
+def redact_text(text: str) -> str:
+    """`text` as a log line would show it: keys masked, emails and phone numbers hashed. For
+    whatever else leaves the process with text a client sent (error answers echo it)."""
+    return _redact_text(text)
 
 
 def mask_identity(identity: Mapping[str, str]) -> dict[str, str]:

@@ -32,6 +32,8 @@ class Processes:
             "EVENTGATE_DATA_DIR": str(data_dir),
             "EVENTGATE_PORT": str(self.port),
             "EVENTGATE_LOG_FORMAT": "json",
+            # One queue unless a test asks for shards: tests read the queue by its name.
+            "EVENTGATE_SHARDS": "1",
             **{f"EVENTGATE_{k.upper()}": v for k, v in settings.items()},
         }
         self.web: subprocess.Popen[bytes] | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -20,10 +20,11 @@ JSON_VALUES = st.recursive(
 )
 # Any bytes, or any JSON value (json.dumps writes infinities as `Infinity`: not JSON either).
 BODIES = st.binary(max_size=2000) | JSON_VALUES.map(lambda value: json.dumps(value).encode())
-# Naive on purpose (no offset means UTC), and in the past, so that they are valid timestamps.
+# Naive on purpose (no offset means UTC), and in the past but within EVENTGATE_MAX_PAST_S
+# (10 years), so that they are valid timestamps.
+_NOW = datetime.now(UTC).replace(tzinfo=None)
 PAST_DATETIMES = st.datetimes(
-    min_value=datetime(2000, 1, 1),  # noqa: DTZ001
-    max_value=datetime(2025, 1, 1),  # noqa: DTZ001
+    min_value=_NOW - timedelta(days=9 * 365), max_value=_NOW - timedelta(days=1)
 ).map(datetime.isoformat)
 
 

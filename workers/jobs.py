@@ -5,9 +5,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from rq import get_current_job
+from rq import Retry, get_current_job
 
 from workers.processor import BatchProcessor, PoisonBatchError
+from workers.retries import retry_later
+from workers.sinks.base import SinkUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -47,9 +49,11 @@ def riding(riders: list[Rider]) -> Iterator[Ride]:
         _ride = None
 
 
-def process_batch(data: bytes) -> None:
-    """Raises:
-    RuntimeError: no processor installed (run jobs through `eventgate worker`).
+def process_batch(data: bytes) -> Retry | None:
+    """Returns an rq Retry while a sink is unavailable.
+
+    Raises:
+        RuntimeError: no processor installed (run jobs through `eventgate worker`).
     """
     if _processor is None:
         raise RuntimeError("no batch processor installed; run workers with `eventgate worker`")
@@ -61,4 +65,16 @@ def process_batch(data: bytes) -> None:
         if job is not None:
             job.retries_left = 0  # straight to the failed registry, no pointless retries
         raise
+    except SinkUnavailableError as exc:
+        # Run again after a backoff until the sink retry window is over, then the job's own
+        # events go to the dead letters (workers/retries.py); its riders run on their own.
+        ride.unreadable = list(ride.riders)
+        job = get_current_job()
+        if job is None:
+            raise
+        retry = retry_later(job, exc, _processor.retry_window_s)
+        if retry is None:
+            _processor.give_up(data, exc)
+        return retry
     ride.unreadable = [ride.riders[index - 1] for index in unreadable]
+    return None

@@ -9,12 +9,15 @@ from typing import TYPE_CHECKING
 import redis
 import structlog
 from rq import Queue
+from rq.worker import DequeueStrategy
 
 from shared.envelope import EnvelopeSerializer
 from shared.errors import ConfigError
+from shared.jobs import shard_queues
 from workers import jobs
+from workers.limits import ProcessLimits
 from workers.processor import BatchProcessor
-from workers.sinks import open_sink
+from workers.sinks import open_sinks_when_up
 from workers.worker import GatewayWorker
 
 if TYPE_CHECKING:
@@ -49,14 +52,28 @@ def run_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> No
     empty with `burst`. Redis outages restart rq's loop with backoff instead of exiting."""
     client = redis.Redis.from_url(redis_url, health_check_interval=10)
     check_eviction_policy(client)
-    sink = open_sink(settings.sink_url)
-    jobs.install(BatchProcessor(sink, client))
-    queue = Queue(settings.queue, connection=client, serializer=EnvelopeSerializer)
-    level = "DEBUG" if settings.log_level == "debug" else "WARNING"
     # Set by SIGTERM/SIGINT whenever it comes: during a job, between rq loops or in a backoff.
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
+    sinks = open_sinks_when_up(settings.sink_url, stopping)  # a sink down at start: wait
+    if sinks is None:
+        return
+    processor = BatchProcessor(
+        sinks,
+        client,
+        ProcessLimits(client, settings),
+        retry_window_s=settings.sink_retry_for_s,
+        marker_ttl_s=settings.sink_marker_ttl_s,
+        backoff_max_s=settings.sink_backoff_max_s,
+        stopping=stopping,
+    )
+    jobs.install(processor)
+    queues = [
+        Queue(name, connection=client, serializer=EnvelopeSerializer)
+        for name in shard_queues(settings)
+    ]
+    level = "DEBUG" if settings.log_level == "debug" else "WARNING"
     backoff = 1.0
     try:
         while not stopping.is_set():
@@ -64,14 +81,17 @@ def run_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> No
             try:
                 # rq's Worker talks to Redis as soon as it is made: inside the try.
                 worker = GatewayWorker(
-                    [queue],
+                    queues,
                     connection=client,
                     heartbeat_s=settings.job_heartbeat_s,
                     max_riders=settings.worker_max_riders,
                     stopping=stopping,
+                    linger_s=max(getattr(s, "linger_s", 0.0) for s in sinks),
                 )
-                log.info("worker.started", name=worker.name, queue=settings.queue)
-                worked = worker.work(burst=burst, logging_level=level)
+                log.info("worker.started", name=worker.name, queues=len(queues))
+                worked = worker.work(
+                    burst=burst, logging_level=level, dequeue_strategy=DequeueStrategy.ROUND_ROBIN
+                )
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("worker.redis_lost", error=str(exc))
             if burst:
@@ -83,5 +103,6 @@ def run_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> No
                 stopping.wait(backoff)
     finally:
         jobs.install(None)
-        sink.close()
+        for sink in sinks:
+            sink.close()
         log.info("worker.stopped")

@@ -11,6 +11,7 @@ it goes back to the head of the queue and runs on its own, with its own retries.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,22 +32,25 @@ class Rider:
 class RiderClaims:
     """Claims, finishes and releases riders on one Redis connection."""
 
-    def __init__(self, connection: redis.Redis, max_riders: int) -> None:
+    def __init__(self, connection: redis.Redis, max_riders: int, linger_s: float = 0.0) -> None:
         self._connection = connection
         self.max_riders = max_riders
+        # A sink's linger (forward sinks' `linger_ms`): with fewer waiting jobs than
+        # max_riders, wait this long once for more to arrive, so batches fill up.
+        self.linger_s = linger_s
         self._requeue = connection.register_script(lua("requeue_stranded"))
 
     def claim(self, queue: Queue) -> list[Rider]:
         """Move up to `max_riders` waiting jobs to the intermediate list and read them."""
         if self.max_riders < 1:
             return []
-        intermediate = queue.intermediate_queue.key
-        with self._connection.pipeline(transaction=False) as pipe:
-            for _ in range(self.max_riders):
-                pipe.lmove(queue.key, intermediate, "LEFT", "RIGHT")
-            job_ids = [j.decode() for j in pipe.execute() if j is not None]
+        job_ids = self._move(queue, self.max_riders)
+        if self.linger_s > 0 and len(job_ids) < self.max_riders:
+            time.sleep(self.linger_s)
+            job_ids += self._move(queue, self.max_riders - len(job_ids))
         if not job_ids:
             return []
+        intermediate = queue.intermediate_queue.key
         with self._connection.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(jobs.job_key(job_id), "data")
@@ -59,6 +63,13 @@ class RiderClaims:
                     pipe.lrem(intermediate, 1, job_id)
                 pipe.execute()
         return riders
+
+    def _move(self, queue: Queue, count: int) -> list[str]:
+        """Move up to `count` waiting jobs to the queue's intermediate list; their ids."""
+        with self._connection.pipeline(transaction=False) as pipe:
+            for _ in range(count):
+                pipe.lmove(queue.key, queue.intermediate_queue.key, "LEFT", "RIGHT")
+            return [j.decode() for j in pipe.execute() if j is not None]
 
     def keep_alive(self, queue: Queue, riders: list[Rider]) -> None:
         """Forget when maintenance first saw the riders in the intermediate list, so it

@@ -27,7 +27,7 @@ import structlog
 from rq import Queue, SimpleWorker
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
-from rq.registry import clean_registries
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.utils import now
 from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
@@ -35,26 +35,37 @@ from rq.worker_registration import clean_worker_registry
 from shared.envelope import EnvelopeSerializer
 from shared.scripts import lua
 from workers import jobs
+from workers.fair_queue import FairQueue
 from workers.riders import Rider, RiderClaims
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from types import FrameType
 
 log = structlog.get_logger("workers.worker")
 
 
 class GatewayWorker(SimpleWorker):
-    def __init__(
+    def __init__(  # noqa: PLR0913 - all but the queues keyword-only
         self,
-        queues: list[Queue],
+        queues: Sequence[Queue | str],
         *,
         connection: redis.Redis,
         heartbeat_s: int,
         max_riders: int = 0,
         stopping: threading.Event | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         super().__init__(
-            queues,
+            # rq wants instances of its queue class; names and plain Queues are welcome here.
+            [
+                FairQueue(
+                    str(q if isinstance(q, str) else q.name),
+                    connection=connection,
+                    serializer=EnvelopeSerializer,
+                )
+                for q in queues
+            ],
             connection=connection,
             serializer=EnvelopeSerializer,
             # The idle wait on the queue is worker_ttl - 15 s; keep it one heartbeat long so
@@ -62,17 +73,60 @@ class GatewayWorker(SimpleWorker):
             worker_ttl=heartbeat_s + 15,
             job_monitoring_interval=heartbeat_s,
             maintenance_interval=heartbeat_s,
+            queue_class=FairQueue,
         )
         self.heartbeat_s = heartbeat_s
         # Shared with whoever runs this worker, so a stop outlives this rq loop.
         self.stopping = stopping or threading.Event()
         self._requeue_stranded = connection.register_script(lua("requeue_stranded"))
-        self.riders = RiderClaims(connection, max_riders)
+        self.riders = RiderClaims(connection, max_riders, linger_s)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM/SIGINT: finish the job in hand, then leave (rq's warm shutdown)."""
         self.stopping.set()
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:  # noqa: ARG002, FBT001, FBT002
+        """rq leaves a multi-queue worker's job in the intermediate list (its BLPOP path has
+        none); FairQueue moved it there, so take it out as the job starts, always."""
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+
+    def handle_job_success(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: StartedJobRegistry,
+        execution: Execution,
+    ) -> None:
+        if self._finished_elsewhere(job, execution):
+            return
+        super().handle_job_success(job, queue, started_job_registry, execution)
+
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: StartedJobRegistry | None = None,
+        exc_string: str = "",
+        execution: Execution | None = None,
+    ) -> None:
+        if self._finished_elsewhere(job, execution):
+            return
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    def _finished_elsewhere(self, job: Job, execution: Execution | None) -> bool:
+        """A job whose hash is gone was finished by another run of it (two workers on one
+        recovered batch; rq deletes a finished job at once): done, not failed. rq's success
+        step would fail on the missing hash and its retry write it back for a third run."""
+        # rq's end-of-run heartbeat HSETs the key back with only `last_heartbeat` in it.
+        if self.connection.hexists(job.key, "status"):
+            return False
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.delete(job.key)
+            pipe.execute()
+        log.info("job.finished_elsewhere", job_id=job.id)
+        return True
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:  # noqa: ARG002
         """How long the job stays 'started' without a heartbeat (rq adds 60 s)."""

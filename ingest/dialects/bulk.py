@@ -4,7 +4,7 @@
 202 with no body; errors as JSON:API `{"errors": [{"id", "status", "code", "title",
 "detail", "source": {"pointer"}}]}`, one entry per problem. Browsers call it, so every
 answer allows any origin and preflights are answered. The vendor's rate limits (burst
-10/s, steady 150/min) are not enforced yet.
+10, steady 150/min per account) are enforced by ingest/admission.py.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from ingest.admission import admit
 from ingest.body import read_body
 from ingest.context import begin_request
 from ingest.dialects.routing import add_post_endpoint
+from ingest.event_checks import EventChecks
+from ingest.metrics import note_rejected
 from ingest.problems import (
     BadParameterError,
     EventErrors,
@@ -34,10 +37,8 @@ from ingest.validation import (
     MAX_LISTED,
     Checked,
     check_count,
-    check_timestamp,
     decode_each,
     field_error,
-    future_limit,
     malformed_json,
 )
 from shared.envelope import Part
@@ -54,8 +55,6 @@ from shared.formats.bulk import (
 )
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from ingest.accounts import AccountView
     from shared.accounts import KeyKind
 
@@ -108,6 +107,7 @@ _CODES = {
     403: ("permission_denied", "You do not have permission to perform this action."),
     404: ("not_found", "Not found."),
     405: ("method_not_allowed", "Method not allowed."),
+    408: ("request_timeout", "Request timeout."),
     413: ("request_too_large", "Request too large."),
     415: ("unsupported_media_type", "Unsupported media type."),
     429: ("throttled", "Request was throttled."),
@@ -137,12 +137,13 @@ async def post_events(request: web.Request) -> web.Response:
             "history, server logs and proxies; revoke this one and use a public key"
         )
     check_revision(request.headers.get("revision"))
+    await admit(request, key, DIALECT)  # 503 backpressure, 429 rate limit
     body = await read_body(request, gateway.body_limits)
     view = await gateway.accounts.view(key.account)
     if view is None:
         raise UnauthorizedError("the key's account no longer exists")
 
-    events = validate(body, view, future_limit(gateway.settings.max_future_s))
+    events = validate(body, view, EventChecks.now(gateway.settings))
     part = Part(
         account=key.account,
         dialect=DIALECT,
@@ -178,7 +179,7 @@ def check_revision(value: str | None) -> str:
     return value.strip()
 
 
-def validate(body: bytes, view: AccountView, limit: datetime) -> list[BulkEvent]:
+def validate(body: bytes, view: AccountView, checks: EventChecks) -> list[BulkEvent]:
     """The document's events, once every one is found valid. All or nothing.
 
     Raises:
@@ -199,14 +200,15 @@ def validate(body: bytes, view: AccountView, limit: datetime) -> list[BulkEvent]
         _check_count(len(document.events))
         checked, profile = Checked(list(enumerate(document.events)), []), document.profile
 
-    if not profile.identity():
-        raise _invalid(_PROFILE, f"the profile needs one of {', '.join(IDENTIFIERS)} (or its id)")
+    _check_profile(profile, checks)
 
     def check(event: BulkEvent) -> FieldError | None:
         attrs = event.attributes
-        error = check_timestamp(attrs.time, limit)
+        error = checks.timestamp(attrs.time, "attributes.time") or checks.properties(
+            attrs.properties, "attributes.properties"
+        )
         if error is not None:
-            return FieldError(field="attributes.time", message=error.message)
+            return error
         error = view.check_event(attrs.metric.data.attributes.name, attrs.properties)
         if error is None:
             return None
@@ -216,6 +218,7 @@ def validate(body: bytes, view: AccountView, limit: datetime) -> list[BulkEvent]
 
     checked = checked.check(check)
     if checked.rejected:
+        note_rejected(len(checked.rejected))
         problems = [
             FieldError(field=_pointer(f"{_EVENTS}/{e.index}", field), message=field.message)
             for e in checked.rejected
@@ -226,6 +229,17 @@ def validate(body: bytes, view: AccountView, limit: datetime) -> list[BulkEvent]
             events=[EventErrors(index=0, errors=problems[:MAX_LISTED])],
         )
     return [event for _, event in checked.valid]
+
+
+def _check_profile(profile: ProfileResource, checks: EventChecks) -> None:
+    """Raises:
+    InvalidEventsError: a profile without any identifier, or with too many properties.
+    """
+    if not profile.identity():
+        raise _invalid(_PROFILE, f"the profile needs one of {', '.join(IDENTIFIERS)} (or its id)")
+    too_big = checks.properties(profile.attributes.properties)
+    if too_big is not None:
+        raise _invalid(f"{_PROFILE}/properties", too_big.message)
 
 
 def _decode_each(body: bytes) -> tuple[Checked[BulkEvent], ProfileResource]:

@@ -14,10 +14,13 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from ingest.admission import admit
 from ingest.body import read_body
 from ingest.context import begin_request
 from ingest.dialects.native import bearer
 from ingest.dialects.routing import add_post_endpoint
+from ingest.event_checks import EventChecks
+from ingest.metrics import note_rejected
 from ingest.problems import (
     EventErrors,
     FieldError,
@@ -29,20 +32,23 @@ from ingest.problems import (
 from ingest.validation import (
     MAX_LISTED,
     check_count,
-    check_timestamp,
     field_error,
-    future_limit,
     malformed_json,
     summarise,
 )
 from shared.definitions import builtin_definitions
 from shared.envelope import Part
 from shared.event import new_event_id
-from shared.formats.catalog import DIALECT, MAX_EVENTS, decode_body, properties_of, read_head
+from shared.formats.catalog import (
+    DIALECT,
+    ITEMS,
+    MAX_EVENTS,
+    decode_body,
+    properties_of,
+    read_head,
+)
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from ingest.accounts import AccountView
     from shared.accounts import KeyKind
 
@@ -100,11 +106,12 @@ async def post_events(request: web.Request) -> web.Response:
     gateway, request_id, received_ns = begin_request(request)
     key = await gateway.keys.authenticate(bearer(request), allow=ALLOWED_KEYS)
     structlog.contextvars.bind_contextvars(account=key.account)
+    await admit(request, key, DIALECT)  # 503 backpressure, 429 rate limit
     body = await read_body(request, gateway.body_limits)
     view = await gateway.accounts.view(key.account)
     if view is None:
         raise UnauthorizedError("the key's account no longer exists")
-    count = validate(body, view, future_limit(gateway.settings.max_future_s))
+    count = validate(body, view, EventChecks.now(gateway.settings))
     part = Part(
         account=key.account,
         dialect=DIALECT,
@@ -120,7 +127,7 @@ async def post_events(request: web.Request) -> web.Response:
     return web.Response(body=_ENCODER.encode(reply), status=202, content_type="application/json")
 
 
-def validate(body: bytes, view: AccountView, limit: datetime) -> int:
+def validate(body: bytes, view: AccountView, checks: EventChecks) -> int:
     """How many events the body holds, once every one is found valid. All or nothing.
 
     Raises:
@@ -140,19 +147,24 @@ def validate(body: bytes, view: AccountView, limit: datetime) -> int:
     rejected = [
         EventErrors(index=index, errors=[error])
         for index, event in enumerate(events)
-        if (error := _check(event, view, limit)) is not None
+        if (error := _check(event, view, checks)) is not None
     ]
     if rejected:
+        note_rejected(len(rejected))
         raise InvalidEventsError(summarise(rejected), events=rejected[:MAX_LISTED])
     return len(events)
 
 
-def _check(event: Any, view: AccountView, limit: datetime) -> FieldError | None:  # noqa: ANN401 - any JSON value
+def _check(event: Any, view: AccountView, checks: EventChecks) -> FieldError | None:  # noqa: ANN401 - any JSON value
     try:
         head = read_head(event)
     except msgspec.ValidationError as exc:
         return field_error(exc)[1]
-    error = check_timestamp(head.timestamp, limit) or view.check_event(
+    # The event's own fields are its properties here.
+    limits = checks.properties(event, "") or checks.items(event.get(ITEMS), ITEMS)
+    if limits is not None:
+        return limits
+    error = checks.timestamp(head.timestamp) or view.check_event(
         head.type, properties_of(event), builtins=builtin_definitions(DIALECT)
     )
     if error is None:

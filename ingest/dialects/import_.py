@@ -14,15 +14,16 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from ingest.admission import admit
 from ingest.body import read_body
 from ingest.context import begin_request
 from ingest.dialects.routing import add_post_endpoint
+from ingest.event_checks import EventChecks
+from ingest.metrics import note_rejected
 from ingest.problems import GatewayError, MalformedBodyError, UnauthorizedError
 from ingest.validation import (
-    check_timestamp,
     decode_each,
     field_error,
-    future_limit,
     malformed_json,
 )
 from shared.definitions import builtin_definitions
@@ -36,10 +37,9 @@ from shared.formats.import_ import (
     Common,
     ImportEvent,
 )
+from shared.logging import redact_text
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from ingest.accounts import AccountView
     from ingest.problems import FieldError
     from shared.accounts import KeyKind
@@ -73,6 +73,7 @@ TOO_MANY_EVENTS = ResultCode("40402", "TOO_MANY_EVENTS", 400)
 # Beyond the vendor's table, in its pattern (40000 BAD_REQUEST, 50000 INTERNAL_SERVER_ERROR):
 # `<HTTP status>00` and the status's name.
 METHOD_NOT_ALLOWED = ResultCode("40500", "METHOD_NOT_ALLOWED", 405)
+REQUEST_TIMEOUT = ResultCode("40800", "REQUEST_TIMEOUT", 408)
 PAYLOAD_TOO_LARGE = ResultCode("41300", "PAYLOAD_TOO_LARGE", 413)
 UNSUPPORTED_MEDIA_TYPE = ResultCode("41500", "UNSUPPORTED_MEDIA_TYPE", 415)
 INTERNAL_SERVER_ERROR = ResultCode("50000", "INTERNAL_SERVER_ERROR", 500)
@@ -91,6 +92,7 @@ _BY_STATUS = {
     for result in (
         BAD_REQUEST,
         METHOD_NOT_ALLOWED,
+        REQUEST_TIMEOUT,
         PAYLOAD_TOO_LARGE,
         UNSUPPORTED_MEDIA_TYPE,
         TOO_MANY_REQUEST,
@@ -182,11 +184,12 @@ async def post_events(request: web.Request) -> web.Response:
         raise ImportApiError(INVALID_SERVICE_ID, "service_id query parameter missing", status=400)
     if service_id != key.account:
         raise ImportApiError(INVALID_SERVICE_ID, "the access_token is not this service_id's")
+    await admit(request, key, DIALECT)  # 503 backpressure, 429 rate limit
     body = await read_body(request, gateway.body_limits)
     view = await gateway.accounts.view(key.account)
     if view is None:
         raise UnauthorizedError("the key's account no longer exists")
-    count = validate(body, view, future_limit(gateway.settings.max_future_s))
+    count = validate(body, view, EventChecks.now(gateway.settings))
     part = Part(
         account=key.account,
         dialect=DIALECT,
@@ -202,7 +205,7 @@ async def post_events(request: web.Request) -> web.Response:
     )
 
 
-def validate(body: bytes, view: AccountView, limit: datetime) -> int:
+def validate(body: bytes, view: AccountView, checks: EventChecks) -> int:
     """How many events the request holds, once all are found valid. All or nothing.
 
     Raises:
@@ -216,8 +219,9 @@ def validate(body: bytes, view: AccountView, limit: datetime) -> int:
         raise ImportApiError(MISSING_IDENTITY, _NO_IDENTITY)
     if any(p.code == TOO_MANY_EVENTS.code for p in problems):
         raise _too_many(f"an event has more than {MAX_ITEMS} event_items")
-    problems.extend(p for i, event in events if (p := _check(i, event, view, limit)))
+    problems.extend(p for i, event in events if (p := _check(i, event, view, checks)))
     if problems:
+        note_rejected(len({p.index for p in problems}))
         problems.sort()
         first = problems[0]
         result = _EVENT_RESULTS[first.code]
@@ -301,14 +305,21 @@ def _decode_problem(index: int, error: FieldError) -> EventProblem:
 
 
 def _check(
-    index: int, event: ImportEvent, view: AccountView, limit: datetime
+    index: int, event: ImportEvent, view: AccountView, checks: EventChecks
 ) -> EventProblem | None:
-    """A decoded event's problem: its time too far ahead, not registered, or properties
-    that don't match the definition."""
-    late = check_timestamp(event.event_datetime, limit)
-    if late is not None:
+    """A decoded event's problem: its time too far ahead or back, too many properties,
+    not registered, or properties that don't match the definition."""
+    too_much = (
+        checks.timestamp(event.event_datetime, "event_datetime")
+        or checks.properties(event.event_properties or {}, "event_properties")
+        or checks.items(event.event_items, "event_items")
+    )
+    if too_much is not None:
         return EventProblem(
-            index=index, code=VALIDATION_FAILURE.code, field="event_datetime", message=late.message
+            index=index,
+            code=VALIDATION_FAILURE.code,
+            field=too_much.field,
+            message=too_much.message,
         )
     error = view.check_event(
         event.event_name,
@@ -331,7 +342,7 @@ def _check(
 def render_error(error: GatewayError, request_id: str) -> web.Response:
     """Every error on the import routes, as `{"status": false, "code", "message", "data"}`."""
     if isinstance(error, ImportApiError):
-        result, status, data = error.result, error.status, error.data
+        result, status, data = error.result, error.status, _public(error.data)
     else:
         result = _GENERIC.get(error.code) or _by_status(error.status)
         status = result.status
@@ -343,6 +354,19 @@ def render_error(error: GatewayError, request_id: str) -> web.Response:
         content_type="application/json",
         headers={"X-Request-Id": request_id},
     )
+
+
+def _public(data: Data) -> Data:
+    """Problems quote what was sent: hashed as the logs and every other answer have it
+    (ingest.problems masks `detail`; `data` is this dialect's own)."""
+    if isinstance(data, str):
+        return redact_text(data)
+    if isinstance(data, list):
+        return [
+            msgspec.structs.replace(p, field=redact_text(p.field), message=redact_text(p.message))
+            for p in data
+        ]
+    return data
 
 
 def _by_status(status: int) -> ResultCode:

@@ -8,8 +8,11 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from ingest.admission import admit
 from ingest.body import read_body
 from ingest.context import begin_request
+from ingest.event_checks import EventChecks
+from ingest.metrics import note_rejected
 from ingest.problems import (
     EventErrors,
     FieldError,
@@ -21,10 +24,8 @@ from ingest.validation import (
     MAX_LISTED,
     Checked,
     check_count,
-    check_timestamp,
     decode_each,
     field_error,
-    future_limit,
     malformed_json,
     summarise,
 )
@@ -68,20 +69,32 @@ async def post_events(request: web.Request) -> web.Response:
     key = await gateway.keys.authenticate(bearer(request), allow=ALLOWED_KEYS)
     structlog.contextvars.bind_contextvars(account=key.account)
     strict = request.query.get("strict", "true").lower() not in ("false", "0", "no")
+    await admit(request, key, DIALECT)  # 503 backpressure, 429 rate limit
     body = await read_body(request, gateway.body_limits)
 
     view = await gateway.accounts.view(key.account)
     if view is None:
         raise UnauthorizedError("the key's account no longer exists")
-    limit = future_limit(gateway.settings.max_future_s)
+    checks = EventChecks.now(gateway.settings)
 
     def check(event: NativeEvent) -> FieldError | None:
-        return check_timestamp(event.timestamp, limit) or view.check_event(
-            event.name, event.properties
+        return check_limits(event) or view.check_event(event.name, event.properties)
+
+    def check_limits(event: NativeEvent) -> FieldError | None:
+        return (
+            checks.timestamp(event.timestamp)
+            or checks.properties(event.properties)
+            or checks.properties(event.identity, "identity")
+            or checks.items(event.items)
         )
+
+    # An account without definitions that takes any event needs only the limits checked.
+    if not view.definitions and view.account.accept_unregistered:
+        check = check_limits
 
     checked = _decode(body, gateway.settings.max_events).check(check)
     events, rejected = checked.valid, checked.rejected
+    note_rejected(len(rejected))
     if rejected and (strict or not events):
         raise InvalidEventsError(summarise(rejected), events=rejected[:MAX_LISTED])
 
@@ -127,7 +140,9 @@ def _decode(body: bytes, max_events: int) -> Checked[NativeEvent]:
         check_count(len(events), max_events)
         return Checked(list(enumerate(events)), [])
     try:
-        raws = msgspec.json.decode(body, type=list[msgspec.Raw] | msgspec.Raw)
+        # A lone `msgspec.Raw` in a union is ignored (an object was refused as "not an
+        # array"): take the object's members raw, and the whole body as its one event.
+        raws = msgspec.json.decode(body, type=list[msgspec.Raw] | dict[str, msgspec.Raw])
     except msgspec.ValidationError as exc:
         raise MalformedBodyError(
             f"expected one event object or an array of them: {field_error(exc)[1].message}"
@@ -135,7 +150,7 @@ def _decode(body: bytes, max_events: int) -> Checked[NativeEvent]:
     except (msgspec.DecodeError, RecursionError) as exc:
         # The fast path stopped at a wrong type before reaching the bad syntax or depth.
         raise malformed_json(body, exc) from None
-    raw_list = raws if isinstance(raws, list) else [raws]
+    raw_list = raws if isinstance(raws, list) else [msgspec.Raw(body)]
     check_count(len(raw_list), max_events)
     return decode_each(raw_list, EVENT_DECODER)
 

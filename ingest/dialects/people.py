@@ -3,7 +3,8 @@
 `POST /peopleevents/2/persons/{personId}/definitions/{definitionId}/events?identifierType=`,
 key as `Authorization: App KEY` (or `Bearer KEY`), private keys only. Answers 201 with the
 stored event; errors as the vendor's `{"requestError": {"serviceException": {"messageId",
-"text", "validationErrors"?}}}`. The vendor's 250 requests/s per account is not enforced yet.
+"text", "validationErrors"?}}}`. The vendor's 250 requests/s per account is enforced by
+ingest/admission.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import structlog
 from aiohttp import web
 
 from ingest import persons
+from ingest.admission import admit
 from ingest.body import read_body
 from ingest.context import begin_request
 from ingest.dialects.routing import add_post_endpoint
+from ingest.event_checks import EventChecks
+from ingest.metrics import note_rejected
 from ingest.problems import (
     BadParameterError,
     EventErrors,
@@ -30,7 +34,14 @@ from ingest.validation import field_error, malformed_json
 from shared.definitions import CompiledDefinition, Definition
 from shared.envelope import Part
 from shared.event import new_event_id, utc_from_ns
-from shared.formats.people import BODY_DECODER, DEFINITION, DIALECT, IDENTIFIER_TYPE, PERSON
+from shared.formats.people import (
+    BODY_DECODER,
+    DEFINITION,
+    DIALECT,
+    IDENTIFIER_TYPE,
+    ITEMS,
+    PERSON,
+)
 from shared.persons import PEOPLE_TYPES
 
 if TYPE_CHECKING:
@@ -93,6 +104,7 @@ _MESSAGE_IDS = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
     429: "TOO_MANY_REQUESTS",
@@ -120,8 +132,10 @@ async def post_event(request: web.Request) -> web.Response:
     key = await gateway.keys.authenticate(app_key(request), allow=ALLOWED_KEYS)
     structlog.contextvars.bind_contextvars(account=key.account)
     kind = _identifier_type(request.query.get("identifierType"))
+    await admit(request, key, DIALECT)  # 503 backpressure, 429 rate limit
     body = await read_body(request, gateway.body_limits)
     properties = _decode(body)
+    _check_limits(properties or {}, EventChecks.now(gateway.settings))
     view = await gateway.accounts.view(key.account)
     if view is None:
         raise UnauthorizedError("the key's account no longer exists")
@@ -134,6 +148,7 @@ async def post_event(request: web.Request) -> web.Response:
     errors = property_errors(definition, properties or {})
     if errors:
         shown = "; ".join(f"{e.field}: {e.message}" for e in errors)
+        note_rejected(1)
         raise InvalidPropertiesError(
             f"properties do not match definition {definition_id!r}: {shown}",
             events=[EventErrors(index=0, errors=errors)],
@@ -199,6 +214,19 @@ def property_errors(
             FieldError(field=f"properties.{found.field}".rstrip("."), message=found.message)
         )
     return errors
+
+
+def _check_limits(properties: dict[str, Any], checks: EventChecks) -> None:
+    """Raises:
+    InvalidPropertiesError: too many properties, or items (`itemsInCart`).
+    """
+    error = checks.properties(properties) or checks.items(
+        properties.get(ITEMS), f"properties.{ITEMS}"
+    )
+    if error is not None:
+        raise InvalidPropertiesError(
+            f"{error.field}: {error.message}", events=[EventErrors(index=0, errors=[error])]
+        )
 
 
 def _identifier_type(value: str | None) -> str:

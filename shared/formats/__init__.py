@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shared.envelope import EnvelopeError, Part
-from shared.formats import bulk, catalog, import_, native, people, person
+from shared.formats import bulk, catalog, deferred, import_, native, people, person
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -20,6 +20,7 @@ NORMALISERS: dict[str, Callable[[Part], list[Event]]] = {
     people.DIALECT: people.normalise,
     bulk.DIALECT: bulk.normalise,
     person.DIALECT: person.normalise,
+    deferred.DIALECT: deferred.normalise,
 }
 
 # Dialects whose parts update profiles beyond their events' identities (attributes, or a

@@ -21,7 +21,9 @@ IdentityValue = Annotated[str, msgspec.Meta(max_length=1024)]
 Currency = Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
 
 
-class NativeEvent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# gc=False: decoded JSON cannot form reference cycles, and untracked structs keep the
+# collector from rescanning every event of every request waiting on its flush.
+class NativeEvent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """One event as producers send it; strict at the top level so a typo gets a clear 4xx.
     Properties and items are free-form: unknown keys there are kept."""
 

@@ -69,7 +69,8 @@ async def create_person(
         body=encode_person(person),
     )
     async with client.pipeline(transaction=True) as pipe:
-        jobs.queue_batches(pipe, settings.queue, jobs.job_template(settings), [Batch(parts=[part])])
+        queues = jobs.ShardQueues(settings)
+        queues.add_jobs(pipe, queues.queue_for(account), [Batch(parts=[part])])
         await pipe.execute()
     return created
 

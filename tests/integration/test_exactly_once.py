@@ -40,42 +40,61 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def processes(tmp_path: Path, redis_url: str) -> Iterator[Processes]:
+    # Four shard queues: the two accounts below land on different ones (shards 2 and 3),
+    # so workers are killed while taking turns over several queues.
     procs = Processes(
-        tmp_path, redis_url, sink=f"sqlite:///{tmp_path / 'events.db'}", job_heartbeat_s="2"
+        tmp_path,
+        redis_url,
+        sink=f"sqlite:///{tmp_path / 'events.db'}",
+        job_heartbeat_s="2",
+        shards="4",
     )
     yield procs
     procs.close()
 
 
-async def make_key(redis_url: str) -> str:
+ACCOUNTS = ("shop", "app")
+
+
+async def make_keys(redis_url: str) -> dict[str, str]:
     client = aioredis.Redis.from_url(redis_url)
-    await accounts.create_account(client, "shop")
-    key = await accounts.create_key(client, "shop", "private")
+    made = {}
+    for account in ACCOUNTS:
+        await accounts.create_account(client, account)
+        made[account] = await accounts.create_key(client, account, "private")
     await client.aclose()
-    return key
+    return made
 
 
-def stored_ids(db: Path) -> list[str]:
+def stored_ids(db: Path) -> list[tuple[str, str]]:
     if not db.exists():
         return []
     with sqlite3.connect(db, timeout=10) as conn:
-        return [row[0] for row in conn.execute("SELECT event_id FROM events")]
+        return [(row[0], row[1]) for row in conn.execute("SELECT account, event_id FROM events")]
 
 
-async def produce(url: str, key: str, batches: int, accepted: set[str], stats: dict[str, int]):
-    """Send `batches` batches of 100 over ~8 s (every 7th resends an earlier one), 8 in flight."""
-    headers = {"Authorization": f"Bearer {key}"}
+async def produce(
+    url: str,
+    keys_: dict[str, str],
+    batches: int,
+    accepted: set[tuple[str, str]],
+    stats: dict[str, int],
+):
+    """Send `batches` batches of 100 over ~8 s, alternating accounts (every 7th resends an
+    earlier one), 8 in flight."""
     sem = asyncio.Semaphore(8)
 
     async def send(session: aiohttp.ClientSession, n: int) -> None:
-        source = n - 5 if n % 7 == 0 and n >= 5 else n  # a producer resending a batch
+        source = n - 6 if n % 7 == 0 and n >= 6 else n  # a producer resending a batch
+        account = ACCOUNTS[source % 2]
+        headers = {"Authorization": f"Bearer {keys_[account]}"}
         await asyncio.sleep(n * 8 / batches)  # spread out, so kills land mid-stream
         ids = [f"b{source}-e{i}" for i in range(BATCH)]
         events = [{"name": "sale", "id": i, "properties": {"n": n}} for i in ids]
         async with sem, session.post(f"{url}/v1/events", json=events, headers=headers) as resp:
             stats[str(resp.status)] = stats.get(str(resp.status), 0) + 1
             if resp.status == 202:
-                accepted.update(ids)
+                accepted.update((account, i) for i in ids)
                 stats["events_sent"] += BATCH
 
     async with aiohttp.ClientSession() as session:
@@ -83,10 +102,10 @@ async def produce(url: str, key: str, batches: int, accepted: set[str], stats: d
 
 
 async def test_sigkilled_workers_lose_nothing_and_duplicate_nothing(processes, redis_url, tmp_path):
-    key = await make_key(redis_url)
+    key = await make_keys(redis_url)
     processes.start_web()
     processes.start_worker()
-    accepted: set[str] = set()
+    accepted: set[tuple[str, str]] = set()
     stats = {"events_sent": 0, "kills": 0}
     producer = asyncio.create_task(produce(processes.url, key, 400, accepted, stats))
 
@@ -114,7 +133,10 @@ async def test_sigkilled_workers_lose_nothing_and_duplicate_nothing(processes, r
     unexpected = set(ids) - accepted
 
     client = aioredis.Redis.from_url(redis_url)
-    counts = {k.decode(): int(v) for k, v in (await client.hgetall(keys.counters("shop"))).items()}
+    counts: dict[str, int] = {}
+    for account in ACCOUNTS:
+        for field, value in (await client.hgetall(keys.counters(account))).items():
+            counts[field.decode()] = counts.get(field.decode(), 0) + int(value)
     await client.aclose()
     figures = {
         **stats,

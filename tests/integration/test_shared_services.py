@@ -182,7 +182,13 @@ class FrontDoor:
 
 @pytest.fixture
 async def front_door(aiohttp_client, tmp_path: Path, owned: Owned) -> AsyncIterator[FrontDoor]:
-    settings = load_settings({"EVENTGATE_DATA_DIR": str(tmp_path), "EVENTGATE_QUEUE": owned.queue})
+    settings = load_settings(
+        {
+            "EVENTGATE_DATA_DIR": str(tmp_path),
+            "EVENTGATE_QUEUE": owned.queue,
+            "EVENTGATE_SHARDS": "1",
+        }
+    )
     client = redis_client(settings, REDIS_URL)
     server = TestServer(make_app(settings, client))
     await server.start_server(**RUNNER_OPTIONS)

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return load_settings({"EVENTGATE_DATA_DIR": str(tmp_path), "EVENTGATE_QUEUE": "unit"})
+    return load_settings(
+        {"EVENTGATE_DATA_DIR": str(tmp_path), "EVENTGATE_QUEUE": "unit", "EVENTGATE_SHARDS": "1"}
+    )
 
 
 @pytest.fixture

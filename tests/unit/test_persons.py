@@ -342,6 +342,7 @@ def test_cli_persons_create(monkeypatch, tmp_path, fake_server, sync_redis, run_
     as a message and exit status 1."""
     monkeypatch.setenv("EVENTGATE_QUEUE", "unit")
     monkeypatch.setenv("EVENTGATE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("EVENTGATE_SHARDS", "1")
 
     @contextmanager
     def fake_redis_for(_settings):
