@@ -99,7 +99,9 @@ class EndToEnd:
                 grew_at = min(grew_at, rate)
                 under = 0.95 * min(paced.stored, paced.accepted)
                 rate = under if under > flat_at else (flat_at + grew_at) / 2
-        return flat_at or 0.9 * stored
+        # Never 0: a machine too loaded to store anything in the search still gets its
+        # latency measured, at one request a second.
+        return max(flat_at or 0.9 * stored, float(BATCH))
 
     def latency_ms(self, rate: float) -> tuple[float, float, bool]:
         """(p50, p99) of stored_at - received_at over a run at `rate` events/s, and whether
