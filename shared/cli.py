@@ -111,10 +111,10 @@ def up(
             Child(f"worker-{i + 1}", "workers") for i in range(settings.workers)
         ]
         supervisor = Supervisor(children, env)
-        supervisor.start()
-        # Whatever ends `up` from here (a signal while starting included), the children go
-        # first and Redis last.
+        # Whatever ends `up` from here (a signal while starting included, even between two
+        # spawns), the children go first and Redis last.
         try:
+            supervisor.start()
             base = f"http://{settings.host}:{settings.port}"
             if not _wait_healthy(f"{base}/healthz", supervisor):
                 err.print("[red]error:[/] the front door did not start; see the log above")
